@@ -1,0 +1,186 @@
+"""The SVI fit loop: progress bar, atomic checkpoints with resume, and non-finite loss checks.
+
+A checkpoint holds the parameters, the optimiser state, the RNG state, the
+step and the loss trace, written to a temporary file and renamed over the
+old one, so a run killed at any moment leaves either the previous or the
+new checkpoint, never half of one. A run restarted with the same arguments
+resumes from it and ends with the same result as a run never killed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pyro
+import pyro.optim
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+from pyro.infer.util import zero_grads
+from tqdm.auto import tqdm
+
+from ._sampling import VectorizationWarning, max_plate_nesting
+from .guides import structure_guides
+
+CHECKPOINT_FORMAT = "pyro_structsel.checkpoint/1"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or its gradient became NaN or infinite during a fit."""
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(dict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The checkpoint at ``path``, or ``None`` if there is none."""
+    if not os.path.exists(path):
+        return None
+    state = torch.load(path, weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{os.fspath(path)!r} is not a pyro_structsel checkpoint; remove it or "
+                         "pass another checkpoint path.")
+    return state
+
+
+def _describe_non_finite(model: Callable[..., Any], guide: Callable[..., Any], args: tuple,
+                         kwargs: Mapping[str, Any]) -> str:
+    parts = []
+    bad_params = [name for name, value in pyro.get_param_store().items()
+                  if not bool(torch.isfinite(value).all())]
+    if bad_params:
+        parts.append(f"parameters with non-finite values: {bad_params}")
+    try:
+        with torch.no_grad():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *args, **kwargs)
+        bad_values, bad_densities = [], []
+        for trace in (guide_trace, model_trace):
+            for name, site in trace.nodes.items():
+                if site["type"] != "sample":
+                    continue
+                if not bool(torch.isfinite(site["value"]).all()) and name not in bad_values:
+                    bad_values.append(name)
+                log_prob = site["fn"].log_prob(site["value"])
+                if not bool(torch.isfinite(log_prob).all()) and name not in bad_densities:
+                    bad_densities.append(name)
+        if bad_values:
+            parts.append(f"sites with non-finite values: {bad_values}")
+        if bad_densities:
+            parts.append(f"sites with non-finite log densities: {bad_densities}")
+    except Exception as error:  # noqa: BLE001 -- diagnosis is best effort
+        parts.append(f"re-running the model failed too ({type(error).__name__}: {error})")
+    return "; ".join(parts) or "no site is non-finite on a fresh draw (the gradient overflowed)"
+
+
+def _grads_finite(params: set[torch.Tensor]) -> bool:
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+
+
+def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
+        kwargs: Mapping[str, Any] | None = None, *, num_steps: int,
+        optim: pyro.optim.PyroOptim, num_particles: int = 1,
+        vectorize_particles: bool | None = None, progress: bool = True,
+        checkpoint: str | os.PathLike[str] | None = None, checkpoint_every: int = 100,
+        temperature: Callable[[int], float] | None = None,
+        callback: Callable[[int, float], Any] | None = None,
+        description: str = "select_structure") -> list[float]:
+    """Run ``num_steps`` SVI steps on ``Trace_ELBO``; returns the loss (−ELBO) of every step.
+
+    Call it inside the parameter store scope of the fit. With ``checkpoint``
+    the state is saved every ``checkpoint_every`` steps and at the end, and an
+    existing checkpoint is resumed. ``temperature(step)`` anneals Concrete
+    guides. A non-finite loss or gradient raises :class:`NonFiniteLossError`
+    naming the step and the sites; no update is applied and the last
+    checkpoint is kept.
+    """
+    kwargs = dict(kwargs or {})
+    nesting = max_plate_nesting(model, args, kwargs)
+    with poutine.block(), torch.no_grad():  # create the guide's parameters
+        poutine.trace(guide).get_trace(*args, **kwargs)
+    vectorize = num_particles > 1 and vectorize_particles is not False
+    if vectorize and vectorize_particles is None:
+        try:
+            with poutine.block(), torch.no_grad():
+                Trace_ELBO(num_particles=num_particles, vectorize_particles=True,
+                           max_plate_nesting=nesting).loss(model, guide, *args, **kwargs)
+        except Exception as error:  # noqa: BLE001
+            vectorize = False
+            warnings.warn(f"The model is not safe for vectorised particles "
+                          f"({type(error).__name__}: {error}); looping over particles.",
+                          VectorizationWarning, stacklevel=3)
+    elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=vectorize,
+                      max_plate_nesting=nesting)
+    losses: list[float] = []
+    start = 0
+    state = load_checkpoint(checkpoint) if checkpoint is not None else None
+    if state is not None:
+        if state["step"] > num_steps:
+            raise ValueError(f"The checkpoint {os.fspath(checkpoint)!r} is at step "
+                             f"{state['step']}, past num_steps={num_steps}.")
+        pyro.get_param_store().set_state(state["params"])
+        optim.set_state(state["optim"])
+        pyro.util.set_rng_state(state["rng"])
+        losses, start = list(state["losses"]), int(state["step"])
+
+    def save(step: int) -> None:
+        save_checkpoint(checkpoint, {  # type: ignore[arg-type]
+            "format": CHECKPOINT_FORMAT, "step": step, "losses": losses,
+            "params": pyro.get_param_store().get_state(), "optim": optim.get_state(),
+            "rng": pyro.util.get_rng_state()})
+
+    bar = tqdm(total=num_steps, initial=start, desc=description, disable=not progress,
+               mininterval=0.5, leave=False)
+    try:
+        for step in range(start, num_steps):
+            if temperature is not None:
+                for part in structure_guides(guide):
+                    part.temperature = float(temperature(step))
+            with poutine.trace(param_only=True) as capture:
+                loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
+            params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+            if not math.isfinite(loss) or not _grads_finite(params):
+                zero_grads(params)
+                what = "loss" if not math.isfinite(loss) else "gradient"
+                raise NonFiniteLossError(
+                    f"The {what} became non-finite at step {step} (loss={loss}): "
+                    f"{_describe_non_finite(model, guide, args, kwargs)}. Lower the learning "
+                    "rate, rescale the data or narrow the priors"
+                    + (f"; the checkpoint {os.fspath(checkpoint)!r} keeps the last good state."
+                       if checkpoint is not None else "."))
+            optim(params)
+            zero_grads(params)
+            losses.append(float(loss))
+            if callback is not None:
+                callback(step, float(loss))
+            if checkpoint is not None and ((step + 1) % checkpoint_every == 0
+                                           or step + 1 == num_steps):
+                save(step + 1)
+            bar.update(1)
+            if progress and (step % 10 == 0 or step + 1 == num_steps):
+                recent = losses[-50:]
+                bar.set_postfix(elbo=f"{-sum(recent) / len(recent):.4g}")
+    finally:
+        bar.close()
+    return losses
