@@ -46,7 +46,8 @@ def _gaussian_prior(name: str, site: dict[str, Any]) -> tuple[torch.Tensor, torc
             f"{name!r} has prior {type(base).__name__}."
         )
     shape = site["value"].shape
-    return base.loc.expand(shape).reshape(-1), base.scale.expand(shape).reshape(-1)
+    return (base.loc.detach().expand(shape).reshape(-1),
+            base.scale.detach().expand(shape).reshape(-1))
 
 
 def _gaussian_parts(guide: Any) -> list[tuple[dict[str, slice], torch.Tensor, torch.Tensor]]:

@@ -62,6 +62,9 @@ class SelectionResult:
         (for a :class:`~pyro_structsel.NetworkModel`).
     losses : list of float
         The loss (−ELBO) at every SVI step of the kept restart.
+    diagnostics : FitDiagnostics or None
+        PSIS k-hat of q and ELBO convergence, once :meth:`diagnose` or
+        :meth:`to_inference_data` has run.
     restart_losses : list of float
         Mean loss over the last tenth of the steps of every restart.
     sites : dict
@@ -90,6 +93,7 @@ class SelectionResult:
         self.structural_complexity: Estimate | None = None
         self.description_length: DescriptionLength | None = None
         self.classical_complexity: dict[str, int] | None = None
+        self.diagnostics: Any = None  # FitDiagnostics, set by diagnose() / to_inference_data()
 
     @contextmanager
     def param_scope(self) -> Iterator[dict[str, Any]]:
@@ -168,6 +172,12 @@ class SelectionResult:
             out[key] = value
         return pd.Series(out, dtype=float)
 
+    def diagnose(self, **kwargs: Any) -> Any:
+        """PSIS k-hat of q and ELBO convergence (see :func:`pyro_structsel.diagnose`)."""
+        from .diagnostics import diagnose
+
+        return diagnose(self, **kwargs)
+
     def to_inference_data(self, **kwargs: Any) -> Any:
         """Export to ArviZ ``InferenceData`` (see :func:`pyro_structsel.to_inference_data`)."""
         from .arviz import to_inference_data
@@ -193,10 +203,16 @@ def _check_inputs(args: tuple, kwargs: Mapping[str, Any]) -> None:
         check_finite(key, value)
 
 
+def _clone_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    params = {name: nn.Parameter(value.detach().clone()) for name, value in state["params"].items()}
+    return {"params": params, "constraints": dict(state["constraints"])}
+
+
 def _trace_for_sites(model: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]
-                     ) -> dict[str, StructuralSite]:
+                     ) -> tuple[dict[str, StructuralSite], dict[str, Any]]:
+    """Check the model runs on the data; return its structural sites and its own parameters."""
     try:
-        with pyro.get_param_store().scope():
+        with pyro.get_param_store().scope() as model_params:
             trace = trace_model(model, args, kwargs)
             trace.compute_log_prob()
     except ValueError:
@@ -222,7 +238,7 @@ def _trace_for_sites(model: Callable[..., Any], args: tuple, kwargs: Mapping[str
         raise ValueError("The model has no structural site: sample a latent on the simplex, "
                          "e.g. gamma = ps.structure('layer', ['relu', 'tanh']) or a Dirichlet / "
                          "RelaxedOneHotCategorical site, to select among options.")
-    return sites
+    return sites, model_params
 
 
 def _build_guide(model: Callable[..., Any], guide: Any, sites: Mapping[str, StructuralSite],
@@ -366,7 +382,7 @@ def select_structure(
     if not callable(model):
         raise ValueError(f"Expected model to be a callable Pyro model, but got {model!r}.")
     _check_inputs(args, kwargs)
-    sites = _trace_for_sites(model, args, kwargs)
+    sites, model_params = _trace_for_sites(model, args, kwargs)
     initial_temperature, schedule = _temperature_schedule(temperature, num_steps)
 
     runs = []
@@ -374,7 +390,9 @@ def select_structure(
         if seed is not None:
             pyro.set_rng_seed(seed + restart)
         optimizer = optim if optim is not None else pyro.optim.Adam({"lr": lr})
-        with pyro.get_param_store().scope() as state:
+        # each restart starts from its own copy of the model's parameters (learnable
+        # prior scales), so no two fits share a tensor through Pyro's global param store
+        with pyro.get_param_store().scope(_clone_state(model_params)) as state:
             fitted_guide = _build_guide(model, guide, sites, args, kwargs, initial_temperature)
             losses = fit(model, fitted_guide, args, kwargs, num_steps=num_steps,
                          optim=optimizer, num_particles=num_particles,
