@@ -177,9 +177,20 @@ class GraphFamily(nn.Module):
 
 
 def num_parameterised_layers(module: nn.Module) -> int:
-    """Number of leaf modules that own parameters (layers composed, for a chain)."""
-    return sum(1 for m in module.modules()
-               if not list(m.children()) and any(True for _ in m.parameters(recurse=False)))
+    """Number of leaf modules that own parameters (layers composed, for a chain).
+
+    The candidates of a :class:`MixedOp` are alternatives side by side, not a
+    composition: it counts as its deepest candidate; a nested
+    :class:`GraphFamily` counts as its :meth:`~GraphFamily.depth`.
+    """
+    if isinstance(module, MixedOp):
+        return max(num_parameterised_layers(c) for c in module.candidates)
+    if isinstance(module, GraphFamily):
+        return module.depth()
+    children = list(module.children())
+    if not children:
+        return int(any(True for _ in module.parameters(recurse=False)))
+    return sum(num_parameterised_layers(child) for child in children)
 
 
 def _topological_order(edges: list[tuple[int, int]]) -> list[int]:
@@ -264,6 +275,10 @@ def _linear_block(in_features: int, out_features: int, label: str) -> nn.Module:
 
 def _hidden_layer(in_features: int, width: int, activations: Sequence[str], name: str,
                   shared_weights: bool) -> dict[str, nn.Module]:
+    duplicates = sorted({a for a in activations if list(activations).count(a) > 1})
+    if duplicates:  # a dict of candidates would silently drop them
+        raise ValueError(f"Structural site {name!r} has duplicate activations {duplicates}; "
+                         "list each candidate once.")
     if shared_weights:
         return {"linear": nn.Linear(in_features, width),
                 "mixed": MixedOp({a: activation(a) for a in activations}, name=name)}

@@ -47,7 +47,7 @@ class ExpRelaxedCategorical(_torch_relaxed.ExpRelaxedCategorical, TorchDistribut
 
 @dataclass(frozen=True)
 class StructuralSite:
-    """What the library knows of one structural site.
+    r"""What the library knows of one structural site.
 
     Attributes
     ----------
@@ -91,7 +91,7 @@ class StructuralSite:
         )
 
     def to_simplex(self, value: torch.Tensor) -> torch.Tensor:
-        """Map a site value to :math:`\gamma` on the simplex."""
+        r"""Map a site value to :math:`\gamma` on the simplex."""
         return value.exp() if self.log_space else value
 
 
