@@ -19,6 +19,8 @@ from pyro import poutine
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 
+from ._warnings import find_stack_level
+
 _DRAWS_PLATE = "_structsel_draws"
 
 
@@ -112,6 +114,12 @@ def _vectorized(model: Callable[..., Any], guide: Callable[..., Any], args: tupl
     guide_trace = poutine.trace(plated(guide)).get_trace(*args, **kwargs)
     model_trace = poutine.trace(poutine.replay(plated(model), trace=guide_trace)).get_trace(
         *args, **kwargs)
+    for trace in (guide_trace, model_trace):  # a mis-broadcast (x @ W + b) adds dims left of it
+        for name, site in trace.nodes.items():
+            batch = getattr(site["fn"], "batch_shape", ()) if site["type"] == "sample" else ()
+            if len(batch) > -draw_dim and any(s != 1 for s in batch[: len(batch) + draw_dim]):
+                raise ValueError(f"site {name!r} has batch shape {tuple(batch)}, with "
+                                 f"dimensions left of the draws plate (dim {draw_dim})")
     draws = _score(model_trace, guide_trace, num, draw_dim, keep, pointwise)
     for name, value in draws.values.items():
         site = guide_trace.nodes.get(name) or model_trace.nodes[name]
@@ -195,7 +203,7 @@ def draw(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
                 f"{error}); drawing one at a time, which is slower but gives the same "
                 "results. Write the model so that latent values with extra leading batch "
                 "dimensions broadcast (or use ps.BayesianModule) to vectorise.",
-                VectorizationWarning, stacklevel=3)
+                VectorizationWarning, stacklevel=find_stack_level())
         else:
             return _concat(parts)
     return _one_at_a_time(model, guide, args, kwargs, num_samples, keep, pointwise)

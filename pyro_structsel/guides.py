@@ -87,7 +87,7 @@ class AutoStructure(AutoGuide):
                 self._prior_temperature[name] = float(base.temperature)
 
     def posterior(self, name: str) -> dist.TorchDistribution:
-        """:math:`q(\gamma)` of site ``name`` as a distribution over the site's value."""
+        r""":math:`q(\gamma)` of site ``name`` as a distribution over the site's value."""
         site = self.prototype_trace.nodes[name]
         if name not in self._prior_temperature:
             return dist.Dirichlet(attrgetter(name)(self.concentrations))
@@ -113,7 +113,7 @@ class AutoStructure(AutoGuide):
 
     @torch.no_grad()
     def median(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """Posterior mean of :math:`\gamma` (log mean for log-space sites) by site."""
+        r"""Posterior mean of :math:`\gamma` (log mean for log-space sites) by site."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         out = {}
@@ -155,8 +155,10 @@ def default_guide(model: Callable[..., Any], structural: Iterable[str], *,
     """
     structural = list(structural)
     guide = AutoGuideList(model)
-    guide.append(AutoStructure(poutine.block(model, expose=structural),
-                               init_concentration=init_concentration, temperature=temperature))
+    if structural:
+        guide.append(AutoStructure(poutine.block(model, expose=structural),
+                                   init_concentration=init_concentration,
+                                   temperature=temperature))
     if not has_weights:
         return guide
     blocked = poutine.block(model, hide=structural)

@@ -7,6 +7,7 @@ the result carries the evidence estimates, the complexities and the loss trace.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import warnings
@@ -20,6 +21,7 @@ import pyro.optim
 import torch
 from pyro import poutine
 from pyro.infer.autoguide import AutoGuide, AutoGuideList, AutoNormal
+from pyro.nn import PyroModule
 from torch import nn
 
 from ._sampling import draw_guide, max_plate_nesting, trace_model
@@ -31,7 +33,7 @@ from .complexity import (
     structural_complexity,
 )
 from .estimate import Estimate
-from .evidence import EvidenceMethod, check_estimator_names, elbo, get_estimator
+from .evidence import EvidenceMethod, check_estimator_names, elbo, estimate_evidence
 from .guides import default_guide
 from .network import NetworkModel, check_finite
 from .structure import StructuralSite, fix_structure, structural_sites
@@ -98,8 +100,12 @@ class SelectionResult:
     @contextmanager
     def param_scope(self) -> Iterator[dict[str, Any]]:
         """Context in which Pyro's parameter store holds this fit's parameters (only)."""
-        with pyro.get_param_store().scope(self.param_state) as state:
-            yield state
+        cached = _cached_module_params(self.model)
+        try:
+            with pyro.get_param_store().scope(self.param_state) as state:
+                yield state
+        finally:  # a PyroModule model syncs its PyroParams from the store: undo that
+            _restore_module_params(cached)
 
     def fixed_model(self) -> Callable[..., Any]:
         """The model with every structural site fixed at the chosen vertex."""
@@ -196,11 +202,47 @@ class SelectionResult:
         return "\n".join(lines)
 
 
-def _check_inputs(args: tuple, kwargs: Mapping[str, Any]) -> None:
-    for i, value in enumerate(args):
-        check_finite(f"args[{i}]", value)
+def _argument_names(model: Callable[..., Any], num: int) -> list[str]:
+    """Names of the first ``num`` positional parameters of ``model`` (``args[i]`` if unknown)."""
+    names = [f"args[{i}]" for i in range(num)]
+    try:
+        params = list(inspect.signature(
+            model.forward if isinstance(model, nn.Module) else model).parameters.values())
+    except (TypeError, ValueError):
+        return names
+    for i, param in enumerate(params[:num]):
+        if param.kind not in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            break
+        names[i] = param.name
+    return names
+
+
+def _check_inputs(model: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]) -> None:
+    for name, value in zip(_argument_names(model, len(args)), args):
+        check_finite(name, value)
     for key, value in kwargs.items():
         check_finite(key, value)
+
+
+def _cached_module_params(model: Any) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """The unconstrained tensors that a PyroModule model keeps for its PyroParams.
+
+    A PyroModule re-points them at the param store's tensors whenever it runs
+    inside a scope, so they are saved and restored around every fit and
+    :meth:`SelectionResult.param_scope`: the model keeps its own values and a
+    later fit of it starts from them, not from a previous fit's.
+    """
+    if not isinstance(model, PyroModule):
+        return []
+    return [(module, f"{name}_unconstrained", module._parameters[f"{name}_unconstrained"])
+            for module in model.modules() if isinstance(module, PyroModule)
+            for name in module._pyro_params
+            if f"{name}_unconstrained" in module._parameters]
+
+
+def _restore_module_params(cached: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
+    for module, key, value in cached:
+        module._parameters[key] = value
 
 
 def _clone_state(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -381,7 +423,8 @@ def select_structure(
     estimators = check_estimator_names(evidence)
     if not callable(model):
         raise ValueError(f"Expected model to be a callable Pyro model, but got {model!r}.")
-    _check_inputs(args, kwargs)
+    _check_inputs(model, args, kwargs)
+    cached = _cached_module_params(model)
     sites, model_params = _trace_for_sites(model, args, kwargs)
     initial_temperature, schedule = _temperature_schedule(temperature, num_steps)
 
@@ -410,12 +453,15 @@ def select_structure(
                              param_state=state, sites=sites, losses=losses,
                              restart_losses=[r[0] for r in runs])
     _score(result, estimators, num_evidence_samples)
+    _restore_module_params(cached)
     return result
 
 
 def _score(result: SelectionResult, estimators: list[EvidenceMethod], num_samples: int
            ) -> None:
     model, guide, args, kwargs = result.model, result.guide, result.args, result.kwargs
+    if isinstance(model, NetworkModel):  # score on the full data, not on a minibatch
+        kwargs = {key: value for key, value in kwargs.items() if key != "batch_size"}
     with result.param_scope():
         result.structural_complexity = structural_complexity(model, guide, *args, **kwargs)
         nesting = max_plate_nesting(model, args, kwargs)
@@ -427,8 +473,8 @@ def _score(result: SelectionResult, estimators: list[EvidenceMethod], num_sample
                 -1, site.num_options).mean(0)
             result.structure[name] = site.label(int(result.probabilities[name].argmax()))
         for method in estimators:
-            result.evidence[method.value] = get_estimator(method)(
-                model, guide, *args, num_particles=num_samples, **kwargs)
+            result.evidence[method.value] = estimate_evidence(
+                method, model, guide, *args, num_samples=num_samples, **kwargs)
         elbo_estimate = result.evidence.get(EvidenceMethod.ELBO.value) or elbo(
             model, guide, *args, num_particles=num_samples, **kwargs)
         result.description_length = description_length(elbo_estimate)
