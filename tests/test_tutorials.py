@@ -1,0 +1,55 @@
+"""Every tutorial runs to the end in its quick mode (``CI=1``) and writes its figures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TUTORIALS = sorted((Path(__file__).resolve().parent.parent / "tutorials").glob("*.py"))
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_tutorial(path: Path, workdir: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """Run ``path`` in quick mode (``CI=1``) with its figures going to ``workdir/figures``."""
+    out = workdir / "figures"
+    env = {**os.environ, "CI": "1", "STRUCTSEL_TUTORIAL_OUT": str(out), "MPLBACKEND": "Agg"}
+    run = subprocess.run([sys.executable, str(path)], cwd=workdir, env=env,
+                         capture_output=True, text=True, timeout=600)
+    return run, out
+
+
+@pytest.fixture(scope="module")
+def tutorial_runs(tmp_path_factory: pytest.TempPathFactory
+                  ) -> dict[str, tuple[subprocess.CompletedProcess[str], Path]]:
+    """Each tutorial run once per test session, on demand."""
+    class Runs(dict):
+        def __missing__(self, stem: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+            path = next(p for p in TUTORIALS if p.stem == stem)
+            self[stem] = run_tutorial(path, tmp_path_factory.mktemp(stem))
+            return self[stem]
+    return Runs()
+
+
+def test_there_are_tutorials() -> None:
+    assert TUTORIALS, "no tutorials/*.py found"
+
+
+@pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
+def test_tutorial_runs_in_quick_mode(path: Path, tutorial_runs: dict) -> None:
+    run, out = tutorial_runs[path.stem]
+    assert run.returncode == 0, f"{path.name} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    pngs = sorted(out.glob("*.png"))
+    assert pngs, f"{path.name} wrote no PNG into {out}"
+    for png in pngs:
+        assert png.read_bytes()[:8] == PNG_SIGNATURE, png
+
+
+def test_tutorial_01_reads_the_teachers_structure_off_the_vertex(tutorial_runs: dict) -> None:
+    run, out = tutorial_runs["01_one_hidden_layer"]
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "structure read off the vertex: activation = tanh" in run.stdout
+    assert {p.name for p in out.glob("*.png")} == {"01_simplex.png", "01_fit.png"}
