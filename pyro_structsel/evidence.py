@@ -25,6 +25,7 @@ class EvidenceMethod(str, Enum):
     ELBO = "elbo"
     IWAE = "iwae"
     LAPLACE = "laplace"
+    GRADIENT_DESCENT = "gradient_descent"
 
 
 def _mean_se(values: torch.Tensor) -> tuple[float, float]:
@@ -129,11 +130,19 @@ def _laplace(model: Callable[..., Any], guide: Any, *args: Any, **kwargs: Any) -
     return laplace(model, guide, *args, **kwargs)
 
 
+def _gradient_descent(model: Callable[..., Any], guide: Any, *args: Any, **kwargs: Any
+                      ) -> Estimate:
+    from .descent import gradient_descent_evidence
+
+    return gradient_descent_evidence(model, guide, *args, **kwargs)
+
+
 #: Evidence estimators by name, and the keyword that sets their number of samples.
 ESTIMATORS: dict[EvidenceMethod, tuple[Callable[..., Estimate], str | None]] = {
     EvidenceMethod.ELBO: (elbo, "num_particles"),
     EvidenceMethod.IWAE: (iwae, "num_samples"),
     EvidenceMethod.LAPLACE: (_laplace, None),
+    EvidenceMethod.GRADIENT_DESCENT: (_gradient_descent, None),  # its own restarts
 }
 
 

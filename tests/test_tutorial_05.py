@@ -1,0 +1,30 @@
+"""Tutorial 05 (gradient-descent evidence along training) runs in quick mode."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "tutorials" / "05_gradient_descent_evidence.py"
+
+
+def test_tutorial_05_quick_mode(tmp_path: Path) -> None:
+    out = tmp_path / "figures"
+    env = {**os.environ, "CI": "1", "MPLBACKEND": "Agg"}
+    run = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    assert run.stderr.strip() == "", run.stderr  # no warnings (StepSizeWarning included)
+    png = out / "05_gradient_descent_evidence.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    peak = re.search(r"peak of the evidence estimate: step (\d+), ([-\d.]+) ± [\d.]+ nats "
+                     r"\(step 0: ([-\d.]+), last step: ([-\d.]+)\)", run.stdout)
+    held = re.search(r"best held-out log-likelihood:\s+step (\d+), ([-\d.]+)", run.stdout)
+    assert peak and held, run.stdout
+    best, at_peak, first, last = int(peak[1]), float(peak[2]), float(peak[3]), float(peak[4])
+    # the estimate rises, peaks inside the run, and falls again
+    assert 0 < best < 200 and at_peak > first and at_peak > last
+    assert 0 < int(held[1]) <= 200
