@@ -15,7 +15,11 @@ and its accuracy on the held-out split) and writes to the output directory:
 ``losses.csv``
     The loss (−ELBO, nats) at every SVI step.
 ``losses.png``
-    The ELBO trace.
+    The ELBO trace, with the convergence check.
+``posterior.png``
+    Posterior over Γ per site: probability of each option, γ with 90% intervals.
+``idata.nc``
+    The fit as ArviZ ``InferenceData`` (see :func:`~pyro_structsel.to_inference_data`).
 
 Example
 -------
@@ -94,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Bayesian structure selection on scikit-learn's digits (bundled, no "
                     "download): chooses the activation of each hidden layer of a "
                     "two-hidden-layer network by variational inference, prints a report and "
-                    "writes results.json, summary.csv, losses.csv and losses.png.",
+                    "writes results.json, summary.csv, losses.csv, losses.png, posterior.png and idata.nc (ArviZ).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=Path("structsel-out"),
@@ -433,41 +437,6 @@ def _write_losses_csv(losses: Sequence[float]) -> Callable[[IO[str]], None]:
     return write
 
 
-def plot_elbo_trace(run: Run) -> Any:
-    """A matplotlib ``Figure`` of the ELBO at every SVI step (no pyplot, no global state)."""
-    import numpy as np
-    from matplotlib.figure import Figure
-
-    result = run.result
-    elbo = -np.asarray(result.losses, dtype=float)
-    steps = np.arange(len(elbo))
-    window = max(1, len(elbo) // 50)
-    smooth = np.convolve(elbo, np.ones(window) / window, mode="valid")
-    fig = Figure(figsize=(7.0, 4.0), layout="constrained")
-    ax = fig.add_subplot()
-    ax.plot(steps, elbo, color="tab:blue", alpha=0.3, linewidth=0.8, label="ELBO per step")
-    ax.plot(steps[window - 1:], smooth, color="tab:blue", linewidth=1.8,
-            label=f"running mean ({window} steps)")
-    estimate = result.evidence.get("elbo")
-    if estimate is not None:
-        ax.axhline(estimate.value, color="tab:red", linestyle="--", linewidth=1.2,
-                   label=f"final ELBO {estimate.value:,.1f} ± {estimate.se:,.1f}")
-    tail = elbo[len(elbo) // 10:] if len(elbo) >= 10 else elbo
-    low, high = float(np.quantile(tail, 0.01)), float(max(elbo.max(), smooth.max()))
-    if estimate is not None and math.isfinite(estimate.value):
-        low, high = min(low, estimate.value), max(high, estimate.value)
-    pad = 0.05 * (high - low) if high > low else 1.0
-    ax.set_ylim(low - pad, high + pad)
-    chosen = ", ".join(f"{k}={v}" for k, v in result.structure.items())
-    ax.set_title(f"ELBO trace — {chosen}; test accuracy {run.test_accuracy:.3f}")
-    ax.set_xlabel("SVI step")
-    ax.set_ylabel("ELBO (nats, minibatch estimate)" if run.config.get("batch_size")
-                  else "ELBO (nats)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    return fig
-
-
 def write_outputs(run: Run, out: str | os.PathLike[str]) -> dict[str, Path]:
     """Write every output file of a run into directory ``out``; each file atomically.
 
@@ -483,6 +452,14 @@ def write_outputs(run: Run, out: str | os.PathLike[str]) -> dict[str, Path]:
     dict
         File kind → path written.
     """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .arviz import to_inference_data
+    from .plots import plot_elbo, plot_structure_posterior
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
@@ -493,12 +470,32 @@ def write_outputs(run: Run, out: str | os.PathLike[str]) -> dict[str, Path]:
     summary = run.result.summary()
     written["summary"] = _atomic_write(out / "summary.csv", lambda h: summary.to_csv(h))
     written["losses"] = _atomic_write(out / "losses.csv", _write_losses_csv(run.result.losses))
-    figure = plot_elbo_trace(run)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
-    written["losses_plot"] = _atomic_write(out / "losses.png", lambda h: h.write(
-        buffer.getvalue()), binary=True)
+    for kind, name, plot in (("losses_plot", "losses.png", plot_elbo),
+                             ("posterior_plot", "posterior.png", plot_structure_posterior)):
+        axes = plot(run.result)
+        figure = (axes.flat[0] if hasattr(axes, "flat") else
+                  axes[0] if isinstance(axes, (list, tuple)) else axes).figure
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+        plt.close(figure)
+        written[kind] = _atomic_write(out / name, lambda h, b=buffer: h.write(b.getvalue()),
+                                      binary=True)
+    written["idata"] = _atomic_netcdf(to_inference_data(run.result, seed=0), out / "idata.nc")
     return written
+
+
+def _atomic_netcdf(idata: Any, path: Path) -> Path:
+    """Write ``idata`` to NetCDF at ``path`` through a temporary file renamed over it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        idata.to_netcdf(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 # ----------------------------------------------------------------------------- entry point

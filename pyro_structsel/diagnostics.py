@@ -103,7 +103,9 @@ def psis_khat(log_weights: torch.Tensor | Sequence[float], *, warn: bool = True)
         # as arviz's psislw: floor the cutoff where exp underflows, not at 1e-15 as pyro does
         cutoff = max(math.log(torch.finfo(torch.float64).tiny), float(ordered[-num_tail - 1]))
         tail = ordered[ordered > cutoff]
-        if tail.numel() >= 10:
+        if float(ordered[-1] - ordered[0]) < 1e-9:  # equal weights: q is the posterior
+            khat = -math.inf
+        elif tail.numel() >= 10:
             k, s = fit_generalized_pareto(tail.exp() - math.exp(cutoff))
             khat, sigma = float(k), float(s)
         else:  # the weights span more than 300 orders of magnitude: q is useless here

@@ -19,7 +19,6 @@ import pandas as pd
 import pyro
 import pyro.optim
 import torch
-from pyro import poutine
 from pyro.infer.autoguide import AutoGuide, AutoGuideList, AutoNormal
 from pyro.nn import PyroModule
 from torch import nn
@@ -100,12 +99,10 @@ class SelectionResult:
     @contextmanager
     def param_scope(self) -> Iterator[dict[str, Any]]:
         """Context in which Pyro's parameter store holds this fit's parameters (only)."""
-        cached = _cached_module_params(self.model)
-        try:
-            with pyro.get_param_store().scope(self.param_state) as state:
-                yield state
-        finally:  # a PyroModule model syncs its PyroParams from the store: undo that
-            _restore_module_params(cached)
+        # a PyroModule model syncs its PyroParams from the store: undo that on exit
+        with module_params_kept(self.model), \
+                pyro.get_param_store().scope(self.param_state) as state:
+            yield state
 
     def fixed_model(self) -> Callable[..., Any]:
         """The model with every structural site fixed at the chosen vertex."""
@@ -243,6 +240,16 @@ def _cached_module_params(model: Any) -> list[tuple[nn.Module, str, torch.Tensor
 def _restore_module_params(cached: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
     for module, key, value in cached:
         module._parameters[key] = value
+
+
+@contextmanager
+def module_params_kept(model: Any) -> Iterator[None]:
+    """Put back the model's own PyroParam tensors on exit (see ``_cached_module_params``)."""
+    cached = _cached_module_params(model)
+    try:
+        yield
+    finally:
+        _restore_module_params(cached)
 
 
 def _clone_state(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -424,36 +431,35 @@ def select_structure(
     if not callable(model):
         raise ValueError(f"Expected model to be a callable Pyro model, but got {model!r}.")
     _check_inputs(model, args, kwargs)
-    cached = _cached_module_params(model)
-    sites, model_params = _trace_for_sites(model, args, kwargs)
-    initial_temperature, schedule = _temperature_schedule(temperature, num_steps)
+    with module_params_kept(model):  # a fit never changes the model's own parameters
+        sites, model_params = _trace_for_sites(model, args, kwargs)
+        initial_temperature, schedule = _temperature_schedule(temperature, num_steps)
 
-    runs = []
-    for restart in range(num_restarts):
-        if seed is not None:
-            pyro.set_rng_seed(seed + restart)
-        optimizer = optim if optim is not None else pyro.optim.Adam({"lr": lr})
-        # each restart starts from its own copy of the model's parameters (learnable
-        # prior scales), so no two fits share a tensor through Pyro's global param store
-        with pyro.get_param_store().scope(_clone_state(model_params)) as state:
-            fitted_guide = _build_guide(model, guide, sites, args, kwargs, initial_temperature)
-            losses = fit(model, fitted_guide, args, kwargs, num_steps=num_steps,
-                         optim=optimizer, num_particles=num_particles,
-                         vectorize_particles=vectorize_particles, progress=progress,
-                         checkpoint=_restart_path(checkpoint, restart, num_restarts),
-                         checkpoint_every=checkpoint_every, temperature=schedule,
-                         callback=callback,
-                         description=f"select_structure[{restart + 1}/{num_restarts}]"
-                         if num_restarts > 1 else "select_structure")
-        tail = losses[-max(1, num_steps // 10):]
-        runs.append((sum(tail) / len(tail), state, fitted_guide, losses))
-    best = min(range(num_restarts), key=lambda i: runs[i][0])
-    _, state, fitted_guide, losses = runs[best]
-    result = SelectionResult(model=model, guide=fitted_guide, args=args, kwargs=dict(kwargs),
-                             param_state=state, sites=sites, losses=losses,
-                             restart_losses=[r[0] for r in runs])
-    _score(result, estimators, num_evidence_samples)
-    _restore_module_params(cached)
+        runs = []
+        for restart in range(num_restarts):
+            if seed is not None:
+                pyro.set_rng_seed(seed + restart)
+            optimizer = optim if optim is not None else pyro.optim.Adam({"lr": lr})
+            # each restart starts from its own copy of the model's parameters (learnable
+            # prior scales), so no two fits share a tensor through Pyro's global param store
+            with pyro.get_param_store().scope(_clone_state(model_params)) as state:
+                fitted_guide = _build_guide(model, guide, sites, args, kwargs, initial_temperature)
+                losses = fit(model, fitted_guide, args, kwargs, num_steps=num_steps,
+                             optim=optimizer, num_particles=num_particles,
+                             vectorize_particles=vectorize_particles, progress=progress,
+                             checkpoint=_restart_path(checkpoint, restart, num_restarts),
+                             checkpoint_every=checkpoint_every, temperature=schedule,
+                             callback=callback,
+                             description=f"select_structure[{restart + 1}/{num_restarts}]"
+                             if num_restarts > 1 else "select_structure")
+            tail = losses[-max(1, num_steps // 10):]
+            runs.append((sum(tail) / len(tail), state, fitted_guide, losses))
+        best = min(range(num_restarts), key=lambda i: runs[i][0])
+        _, state, fitted_guide, losses = runs[best]
+        result = SelectionResult(model=model, guide=fitted_guide, args=args, kwargs=dict(kwargs),
+                                 param_state=state, sites=sites, losses=losses,
+                                 restart_losses=[r[0] for r in runs])
+        _score(result, estimators, num_evidence_samples)
     return result
 
 

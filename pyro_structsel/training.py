@@ -21,14 +21,27 @@ import pyro
 import pyro.optim
 import torch
 from pyro import poutine
-from pyro.infer import Trace_ELBO
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import zero_grads
 from tqdm.auto import tqdm
 
 from ._sampling import VectorizationWarning, max_plate_nesting
-from .guides import structure_guides
+from .guides import is_factorised, structure_guides
 
 CHECKPOINT_FORMAT = "pyro_structsel.checkpoint/1"
+
+
+class FactorisedELBO(TraceMeanField_ELBO):
+    """``TraceMeanField_ELBO`` for fully factorised guides: analytic KL wherever it exists.
+
+    Pyro checks the mean-field condition by asking that model and guide
+    sample their sites in the same order, and warns otherwise. A guide whose
+    sites are all independent (the default guide) meets the condition in any
+    order, so the check is skipped.
+    """
+
+    def _get_trace(self, model: Any, guide: Any, args: Any, kwargs: Any) -> Any:
+        return Trace_ELBO._get_trace(self, model, guide, args, kwargs)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -56,7 +69,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The checkpoint at ``path``, or ``None`` if there is none."""
     if not os.path.exists(path):
         return None
-    state = torch.load(path, weights_only=False)
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception:  # noqa: BLE001 -- not a torch file at all (text, empty, truncated)
+        state = None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{os.fspath(path)!r} is not a pyro_structsel checkpoint; remove it or "
                          "pass another checkpoint path.")
@@ -106,7 +122,10 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
         temperature: Callable[[int], float] | None = None,
         callback: Callable[[int, float], Any] | None = None,
         description: str = "select_structure") -> list[float]:
-    """Run ``num_steps`` SVI steps on ``Trace_ELBO``; returns the loss (−ELBO) of every step.
+    """Run ``num_steps`` SVI steps; returns the loss (−ELBO) of every step.
+
+    The ELBO is :class:`FactorisedELBO` (analytic KL) for a fully factorised
+    guide such as the default one, ``Trace_ELBO`` otherwise.
 
     Call it inside the parameter store scope of the fit. With ``checkpoint``
     the state is saved every ``checkpoint_every`` steps and at the end, and an
@@ -130,7 +149,8 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
             warnings.warn(f"The model is not safe for vectorised particles "
                           f"({type(error).__name__}: {error}); looping over particles.",
                           VectorizationWarning, stacklevel=3)
-    elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=vectorize,
+    elbo_class = FactorisedELBO if is_factorised(guide) else Trace_ELBO
+    elbo = elbo_class(num_particles=num_particles, vectorize_particles=vectorize,
                       max_plate_nesting=nesting)
     losses: list[float] = []
     start = 0
@@ -140,6 +160,12 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
             raise ValueError(f"The checkpoint {os.fspath(checkpoint)!r} is at step "
                              f"{state['step']}, past num_steps={num_steps}.")
         pyro.get_param_store().set_state(state["params"])
+        # PyroModules (autoguides, learnable priors) re-read the store only when called:
+        # call them once, or attributes read outside a call (guide.posterior(), AutoNormal
+        # locs) keep the pre-resume values when no step is left to run
+        with poutine.block(), torch.no_grad():
+            poutine.trace(guide).get_trace(*args, **kwargs)
+            poutine.trace(model).get_trace(*args, **kwargs)
         optim.set_state(state["optim"])
         pyro.util.set_rng_state(state["rng"])
         losses, start = list(state["losses"]), int(state["step"])
@@ -161,16 +187,28 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
                 loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
             params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
             if not math.isfinite(loss) or not _grads_finite(params):
+                bad_grads = [name for name, site in capture.trace.nodes.items()
+                             if not _grads_finite({site["value"].unconstrained()})]
                 zero_grads(params)
                 what = "loss" if not math.isfinite(loss) else "gradient"
                 raise NonFiniteLossError(
                     f"The {what} became non-finite at step {step} (loss={loss}): "
-                    f"{_describe_non_finite(model, guide, args, kwargs)}. Lower the learning "
+                    + (f"parameters with non-finite gradients: {bad_grads}; " if bad_grads else "")
+                    + f"{_describe_non_finite(model, guide, args, kwargs)}. Lower the learning "
                     "rate, rescale the data or narrow the priors"
                     + (f"; the checkpoint {os.fspath(checkpoint)!r} keeps the last good state."
                        if checkpoint is not None else "."))
             optim(params)
             zero_grads(params)
+            store = pyro.get_param_store()  # a finite gradient can still overflow a parameter
+            overflowed = [name for name in capture.trace.nodes
+                          if name in store and not bool(torch.isfinite(store[name]).all())]
+            if overflowed:
+                raise NonFiniteLossError(
+                    f"The update of step {step} (loss={loss}) made the parameters {overflowed} "
+                    "non-finite. Lower the learning rate, rescale the data or narrow the priors"
+                    + (f"; the checkpoint {os.fspath(checkpoint)!r} keeps the last good state."
+                       if checkpoint is not None else "."))
             losses.append(float(loss))
             if callback is not None:
                 callback(step, float(loss))

@@ -38,11 +38,17 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, str]:
 
 def test_module_writes_every_output(tiny_run: tuple[int, Path, str]) -> None:
     _, out, stdout = tiny_run
-    for name in ("results.json", "summary.csv", "losses.csv", "losses.png"):
+    for name in ("results.json", "summary.csv", "losses.csv", "losses.png", "posterior.png",
+                 "idata.nc"):
         assert (out / name).is_file(), name
         assert (out / name).stat().st_size > 0, name
     assert (out / "losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob("*.tmp")), "a temporary file was left behind"
+    import arviz as az
+
+    idata = az.from_netcdf(out / "idata.nc")
+    assert {"posterior", "log_likelihood", "observed_data"} <= set(idata.groups())
+    assert "layer1" in idata.posterior and "layer2" in idata.posterior
     assert "TEST accuracy" in stdout
     assert "layer1" in stdout and "layer2" in stdout
 

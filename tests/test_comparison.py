@@ -1,0 +1,102 @@
+"""compare_structures: the ranked table, its invariants and its errors."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import pyro_structsel as ps
+
+ALPHA, BETA = 1.0, 25.0
+
+
+def two_site_model(x, y=None):
+    """Two structural sites: the basis (sin or linear) and whether to add a constant."""
+    basis = ps.structure("basis", ["linear", "sin"])
+    offset = ps.structure("offset", 2)
+    w = pyro.sample("w", dist.Normal(torch.zeros(2), ALPHA**-0.5).to_event(1))
+    b = pyro.sample("b", dist.Normal(0.0, ALPHA**-0.5))
+    # integer indices keep a particle dimension (..., 1) that broadcasts against the data
+    feature = basis[..., 0] * x + basis[..., 1] * torch.sin(3 * x)
+    mean = w[..., 0] * feature + offset[..., 1] * b
+    with pyro.plate("data", len(x)):
+        pyro.sample("y", dist.Normal(mean, BETA**-0.5), obs=y)
+
+
+@pytest.fixture
+def data():
+    torch.set_default_dtype(torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.linspace(-1, 1, 30, dtype=torch.float64)
+    y = 0.8 * torch.sin(3 * x) + 0.5 + BETA**-0.5 * torch.randn(30, generator=generator,
+                                                                  dtype=torch.float64)
+    yield x, y
+    torch.set_default_dtype(torch.float32)
+
+
+def exact(x, y, basis, offset):
+    feature = torch.sin(3 * x) if basis == "sin" else x
+    columns = [feature] + ([torch.ones_like(x)] if offset == 1 else [])
+    return ps.blr_log_evidence(torch.stack(columns, -1), y, prior_precision=ALPHA,
+                               noise_precision=BETA).value
+
+
+def test_table_ranks_all_vertices_with_exact_laplace(data):
+    x, y = data
+    table = ps.compare_structures(two_site_model, x, y, progress=False)
+    assert list(table.columns) == ["log_evidence", "se", "log_bayes_factor", "probability",
+                                   "structure"]
+    assert len(table) == 4
+    assert table.index[0] == "basis=sin, offset=1"
+    assert table["log_evidence"].is_monotonic_decreasing
+    assert table["log_bayes_factor"].iloc[0] == 0 and (table["log_bayes_factor"] <= 0).all()
+    assert math.isclose(table["probability"].sum(), 1.0, rel_tol=1e-12)
+    for label, row in table.iterrows():
+        s = row["structure"]
+        assert label == ps.structure_label(s)
+        assert abs(row["log_evidence"] - exact(x, y, s["basis"], s["offset"])) < 1e-6
+        # unused weight w[1] and (offset=0) b are integrated out exactly, not fitted
+    odds = table["probability"].iloc[0] / table["probability"].iloc[1]
+    assert math.isclose(math.log(odds), -table["log_bayes_factor"].iloc[1], rel_tol=1e-9)
+    assert set(table.attrs["estimates"]) == set(table.index)
+
+
+def test_given_structures_by_label_or_index(data):
+    x, y = data
+    table = ps.compare_structures(two_site_model, x, y, progress=False,
+                                  structures=[{"basis": "linear", "offset": 1},
+                                              {"basis": 1, "offset": 0}])
+    assert sorted(table.index) == ["basis=linear, offset=1", "basis=sin, offset=0"]
+
+
+def test_cross_validation_method(data):
+    x, y = data
+    table = ps.compare_structures(two_site_model, x, y, method="cross_validation", folds=3,
+                                  num_steps=300, lr=0.05, num_samples=200, seed=0,
+                                  progress=False,
+                                  structures=[{"basis": "sin", "offset": 1},
+                                              {"basis": "linear", "offset": 0}])
+    assert table.index[0] == "basis=sin, offset=1"
+    assert all(est.method == "cross_validation" for est in table.attrs["estimates"].values())
+
+
+@pytest.mark.parametrize("structures, match", [
+    ([{"basis": "cubic", "offset": 0}], "Unknown option 'cubic' for structural site 'basis'"),
+    ([{"depth": 1, "basis": "sin", "offset": 0}], r"Unknown structural site\(s\) \['depth'\]"),
+    ([{"basis": "sin"}], r"gives no option for site\(s\) \['offset'\]"),
+    (["basis=sin"], "Expected each structure to be a dict"),
+])
+def test_bad_structures(data, structures, match):
+    x, y = data
+    with pytest.raises(ValueError, match=match):
+        ps.compare_structures(two_site_model, x, y, structures=structures, progress=False)
+
+
+def test_unknown_method_lists_valid_ones(data):
+    x, y = data
+    with pytest.raises(ValueError, match="Unknown method.*'bic'.*'laplace'"):
+        ps.compare_structures(two_site_model, x, y, method="bic", progress=False)
