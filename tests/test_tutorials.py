@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
-TUTORIALS = sorted((Path(__file__).resolve().parent.parent / "tutorials").glob("*.py"))
+TESTS = Path(__file__).resolve().parent
+TUTORIALS = sorted((TESTS.parent / "tutorials").glob("*.py"))
+# tutorials with a test file of their own (tests/test_tutorial_NN.py) are run there only
+GENERIC = [p for p in TUTORIALS if not (TESTS / f"test_tutorial_{p.name[:2]}.py").exists()]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -38,7 +41,7 @@ def test_there_are_tutorials() -> None:
     assert TUTORIALS, "no tutorials/*.py found"
 
 
-@pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", GENERIC, ids=lambda p: p.stem)
 def test_tutorial_runs_in_quick_mode(path: Path, tutorial_runs: dict) -> None:
     run, out = tutorial_runs[path.stem]
     assert run.returncode == 0, f"{path.name} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
