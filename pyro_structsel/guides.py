@@ -101,15 +101,7 @@ class AutoStructure(AutoGuide):
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        plates = self._create_plates(*args, **kwargs)
-        result = {}
-        for name, site in self.prototype_trace.iter_stochastic_nodes():
-            with ExitStack() as stack:
-                for frame in site["cond_indep_stack"]:
-                    if frame.vectorized:
-                        stack.enter_context(plates[frame.name])
-                result[name] = pyro.sample(name, self.posterior(name))
-        return result
+        return _sample_each_site(self, self.posterior, args, kwargs)
 
     @torch.no_grad()
     def median(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
@@ -147,17 +139,26 @@ class AutoMeanFieldNormal(AutoNormal):
         if not all(_is_real(site["fn"].support)
                    for _, site in self.prototype_trace.iter_stochastic_nodes()):
             return super().forward(*args, **kwargs)  # constrained sites: AutoNormal's way
-        plates = self._create_plates(*args, **kwargs)
-        result = {}
-        for name, site in self.prototype_trace.iter_stochastic_nodes():
-            with ExitStack() as stack:
-                for frame in site["cond_indep_stack"]:
-                    if frame.vectorized:
-                        stack.enter_context(plates[frame.name])
-                loc, scale = self._get_loc_and_scale(name)
-                result[name] = pyro.sample(
-                    name, dist.Normal(loc, scale).to_event(self._event_dims[name]))
-        return result
+        return _sample_each_site(self, self.posterior, args, kwargs)
+
+    def posterior(self, name: str) -> dist.TorchDistribution:
+        r""":math:`q` of site ``name``: :math:`\mathcal N(\mu, \sigma^2)`, independent."""
+        loc, scale = self._get_loc_and_scale(name)
+        return dist.Normal(loc, scale).to_event(self._event_dims[name])
+
+
+def _sample_each_site(guide: AutoGuide, posterior: Callable[[str], Any], args: tuple,
+                      kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Sample every site of the guide's prototype from ``posterior(name)``, inside its plates."""
+    plates = guide._create_plates(*args, **kwargs)
+    result = {}
+    for name, site in guide.prototype_trace.iter_stochastic_nodes():
+        with ExitStack() as stack:
+            for frame in site["cond_indep_stack"]:
+                if frame.vectorized:
+                    stack.enter_context(plates[frame.name])
+            result[name] = pyro.sample(name, posterior(name))
+    return result
 
 
 def _is_real(support: Any) -> bool:
