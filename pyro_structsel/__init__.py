@@ -37,6 +37,7 @@ from .family import (
     one_hidden_layer,
     two_hidden_layer,
 )
+from .ggn import ggn_laplace
 from .guides import AutoMeanFieldNormal, AutoStructure, default_guide
 from .laplace import LaplaceWarning, laplace
 from .network import NetworkModel
@@ -99,6 +100,7 @@ __all__ = [
     "estimate_evidence",
     "find_structural_sites",
     "fix_structure",
+    "ggn_laplace",
     "gradient_descent_evidence",
     "inert_sites",
     "iwae",

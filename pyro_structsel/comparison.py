@@ -27,6 +27,7 @@ from ._enums import parse_option
 from ._sampling import trace_model
 from .crossval import CROSS_VALIDATION, cross_validation
 from .evidence import EvidenceMethod, estimate_evidence
+from .ggn import ggn_laplace
 from .estimate import Estimate
 from .network import NetworkModel
 from .selection import (
@@ -136,6 +137,7 @@ def compare_structures(
     progress: bool = True,
     marginalize_inert: bool = True,
     folds: int = 5,
+    hessian_structure: str | None = None,
     **kwargs: Any,
 ) -> pd.DataFrame:
     r"""Rank discrete structures by log evidence :math:`\log p(D \mid s)`.
@@ -167,6 +169,11 @@ def compare_structures(
     marginalize_inert : bool
         Integrate out exactly the latents a structure leaves out (see
         :func:`inert_sites`) instead of fitting :math:`q` to them.
+    hessian_structure : {"kron", "diag", "full"}, optional
+        Curvature of ``"laplace"`` for a :class:`~pyro_structsel.NetworkModel`:
+        the generalised Gauss-Newton matrix, Kronecker-factored (default),
+        diagonal or full (:func:`~pyro_structsel.ggn_laplace`). Other models
+        use the full autograd Hessian (:func:`~pyro_structsel.laplace`).
 
     Returns
     -------
@@ -196,6 +203,12 @@ def compare_structures(
     eval_kwargs = kwargs
     if isinstance(model, NetworkModel):  # score on the full data, not on a minibatch
         eval_kwargs = {k: v for k, v in kwargs.items() if k != "batch_size"}
+    network = isinstance(model, NetworkModel)
+    if hessian_structure is not None and not network:
+        raise ValueError("hessian_structure applies to a ps.NetworkModel only; other models "
+                         "use the full Hessian.")
+    curvature = (hessian_structure or "kron") if network and \
+        method_enum is EvidenceMethod.LAPLACE else None
     estimates: dict[str, Estimate] = {}
     with module_params_kept(model):
         for structure in tqdm(chosen, desc="compare_structures", disable=not progress,
@@ -204,7 +217,7 @@ def compare_structures(
                 model, structure, args, kwargs, eval_kwargs, method_enum, guide=guide,
                 model_params=model_params, num_steps=num_steps, lr=lr,
                 num_samples=num_samples, seed=seed, folds=folds,
-                marginalize_inert=marginalize_inert)
+                marginalize_inert=marginalize_inert, curvature=curvature)
     return _table(estimates, {structure_label(s): s for s in chosen})
 
 
@@ -213,8 +226,11 @@ def _score_structure(model: Callable[..., Any], structure: Mapping[str, str | in
                      method: EvidenceMethod | None, *, guide: Any,
                      model_params: dict[str, Any], num_steps: int, lr: float,
                      num_samples: int, seed: int | None, folds: int,
-                     marginalize_inert: bool) -> Estimate:
+                     marginalize_inert: bool, curvature: str | None) -> Estimate:
     """Log evidence of one structure (``method=None``: cross-validation)."""
+    if curvature is not None:  # a network: Gauss-Newton Laplace on the pruned network
+        return ggn_laplace(model, *args, structure=structure, hessian_structure=curvature,
+                           **eval_kwargs)
     fixed = fix_structure(model, structure)
     inert = inert_sites(fixed, *args, **eval_kwargs) if marginalize_inert else []
     if inert:  # integrate them out exactly: hide them from inference

@@ -100,3 +100,22 @@ def test_unknown_method_lists_valid_ones(data):
     x, y = data
     with pytest.raises(ValueError, match="Unknown method.*'bic'.*'laplace'"):
         ps.compare_structures(two_site_model, x, y, method="bic", progress=False)
+
+
+def test_network_models_use_gauss_newton_laplace():
+    torch.manual_seed(0)
+    x = torch.randn(40, 3)
+    y = torch.tanh(x @ torch.randn(3, 1)).squeeze(-1) + 0.1 * torch.randn(40)
+    model = ps.NetworkModel(ps.one_hidden_layer(3, 1, hidden=4, activations=("tanh", "sigmoid")),
+                            likelihood="normal", noise_scale=0.1)
+    table = ps.compare_structures(model, x, y, progress=False, hessian_structure="diag")
+    assert len(table) == 2 and math.isclose(table["probability"].sum(), 1.0, rel_tol=1e-9)
+    for estimate in table.attrs["estimates"].values():
+        assert estimate.method == "laplace"
+        assert estimate.diagnostics["hessian_structure"] == "diag"
+
+
+def test_hessian_structure_is_for_networks_only(data):
+    x, y = data
+    with pytest.raises(ValueError, match="hessian_structure applies to a ps.NetworkModel"):
+        ps.compare_structures(two_site_model, x, y, hessian_structure="kron", progress=False)
