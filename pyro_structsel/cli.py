@@ -480,8 +480,24 @@ def write_outputs(run: Run, out: str | os.PathLike[str]) -> dict[str, Path]:
         plt.close(figure)
         written[kind] = _atomic_write(out / name, lambda h, b=buffer: h.write(b.getvalue()),
                                       binary=True)
-    written["idata"] = _atomic_netcdf(to_inference_data(run.result, seed=0), out / "idata.nc")
+    # the diagnostics are reported by main(), not raised as warnings from inside the job
+    idata = to_inference_data(run.result, seed=0, warn=False)
+    written["idata"] = _atomic_netcdf(idata, out / "idata.nc")
     return written
+
+
+def format_diagnostics(result: SelectionResult) -> str:
+    """One line on whether the fit can be trusted: PSIS k-hat of q and ELBO convergence."""
+    diagnostics = result.diagnostics
+    if diagnostics is None:
+        return ""
+    khat = diagnostics.khat.value
+    verdict = ("q matches the posterior well" if khat <= 0.5 else
+               "q is usable" if khat <= 0.7 else
+               "q covers the posterior poorly: the ELBO is a loose lower bound and "
+               "importance-weighted figures are unreliable")
+    converged = "converged" if diagnostics.convergence.converged else "NOT converged (run longer)"
+    return f"diagnostics: PSIS k-hat {khat:.2f} ({verdict}); ELBO {converged}"
 
 
 def _atomic_netcdf(idata: Any, path: Path) -> Path:
@@ -523,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(format_report(run))
     written = write_outputs(run, args.out)
+    print(format_diagnostics(run.result))
     print(f"\nwrote {', '.join(p.name for p in written.values())} to {args.out} "
           f"({time.perf_counter() - start:.1f} s in all)")
     return 0
