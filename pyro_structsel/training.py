@@ -131,8 +131,9 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
     the state is saved every ``checkpoint_every`` steps and at the end, and an
     existing checkpoint is resumed. ``temperature(step)`` anneals Concrete
     guides. A non-finite loss or gradient raises :class:`NonFiniteLossError`
-    naming the step and the sites; no update is applied and the last
-    checkpoint is kept.
+    naming the step and the sites before the update; parameters that overflow
+    in an update raise it after, before any checkpoint. Either way the last
+    checkpoint is the last good state.
     """
     kwargs = dict(kwargs or {})
     nesting = max_plate_nesting(model, args, kwargs)
