@@ -35,7 +35,7 @@ from .estimate import Estimate
 from .evidence import EvidenceMethod, check_estimator_names, elbo, estimate_evidence
 from .guides import default_guide
 from .network import NetworkModel, check_finite
-from .structure import StructuralSite, fix_structure, structural_sites
+from .structure import StructuralSite, fix_structure, pinned_sites, structural_sites
 from .training import fit
 
 
@@ -69,7 +69,10 @@ class SelectionResult:
     restart_losses : list of float
         Mean loss over the last tenth of the steps of every restart.
     sites : dict
-        Site name → :class:`~pyro_structsel.StructuralSite`.
+        Site name → :class:`~pyro_structsel.StructuralSite`, for the sites fitted.
+    pinned : dict
+        Site name → (site, option) for structural sites the model pins with
+        :func:`~pyro_structsel.fix_structure` (in ``structure`` with probability 1).
     model, guide, args, kwargs :
         What was fitted; the guide's parameters live in :meth:`param_scope`.
     """
@@ -86,6 +89,7 @@ class SelectionResult:
         self.sites = sites
         self.losses = losses
         self.restart_losses = restart_losses
+        self.pinned: dict[str, tuple[StructuralSite, str | int]] = {}
         self.structure: dict[str, str | int] = {}
         self.probabilities: dict[str, torch.Tensor] = {}
         self.posterior_mean: dict[str, torch.Tensor] = {}
@@ -146,7 +150,8 @@ class SelectionResult:
     def summary(self) -> pd.DataFrame:
         """Per site and option: posterior probability, posterior mean of γ, chosen or not."""
         rows = []
-        for name, site in self.sites.items():
+        every = {**self.sites, **{name: site for name, (site, _) in self.pinned.items()}}
+        for name, site in every.items():
             probs = self.probabilities[name]
             mean = self.posterior_mean[name]
             for k, option in enumerate(site.option_names()):
@@ -191,8 +196,9 @@ class SelectionResult:
         chosen = ", ".join(f"{k}={v}" for k, v in self.structure.items())
         lines = [f"SelectionResult({chosen})"]
         for name in self.structure:
+            site = self.sites[name] if name in self.sites else self.pinned[name][0]
             probs = ", ".join(f"{o}: {p:.3f}" for o, p in
-                              zip(self.sites[name].option_names(), self.probabilities[name]))
+                              zip(site.option_names(), self.probabilities[name]))
             lines.append(f"  {name}: {probs}")
         for name, est in self.evidence.items():
             lines.append(f"  evidence[{name}] = {est.value:.4f} ± {est.se:.4f}")
@@ -283,7 +289,7 @@ def _trace_for_sites(model: Callable[..., Any], args: tuple, kwargs: Mapping[str
                     "whose size matches the plate."
                 )
     sites = structural_sites(trace)
-    if not sites:
+    if not sites and not pinned_sites(trace):
         raise ValueError("The model has no structural site: sample a latent on the simplex, "
                          "e.g. gamma = ps.structure('layer', ['relu', 'tanh']) or a Dirichlet / "
                          "RelaxedOneHotCategorical site, to select among options.")
@@ -468,8 +474,16 @@ def _score(result: SelectionResult, estimators: list[EvidenceMethod], num_sample
     model, guide, args, kwargs = result.model, result.guide, result.args, result.kwargs
     if isinstance(model, NetworkModel):  # score on the full data, not on a minibatch
         kwargs = {key: value for key, value in kwargs.items() if key != "batch_size"}
+    result.pinned = pinned_sites(trace_model(model, args, kwargs))
+    for name, (site, option) in result.pinned.items():  # fixed by fix_structure: certain
+        result.structure[name] = option
+        result.probabilities[name] = torch.nn.functional.one_hot(
+            torch.tensor(site.index(option)), site.num_options).float()
+        result.posterior_mean[name] = result.probabilities[name]
     with result.param_scope():
-        result.structural_complexity = structural_complexity(model, guide, *args, **kwargs)
+        result.structural_complexity = (
+            structural_complexity(model, guide, *args, **kwargs) if result.sites else
+            Estimate(0.0, 0.0, 0, "entropy", {"vertex_entropy": 0.0, "sites": {}}))
         nesting = max_plate_nesting(model, args, kwargs)
         gammas = draw_guide(guide, args, kwargs, result.sites, num_samples=1000, nesting=nesting)
         for name, site in result.sites.items():

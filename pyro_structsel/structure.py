@@ -35,6 +35,8 @@ from ._enums import Prior, parse_option
 
 #: Key in a sample site's ``infer`` dict that holds the option labels.
 OPTIONS_KEY = "structsel_options"
+#: Key in the ``infer`` dict of a site pinned by :func:`fix_structure`: its StructuralSite.
+PINNED_KEY = "structsel_pinned_site"
 
 
 class ExpRelaxedCategorical(_torch_relaxed.ExpRelaxedCategorical, TorchDistributionMixin):
@@ -277,6 +279,18 @@ def structural_sites(trace: Trace) -> dict[str, StructuralSite]:
     }
 
 
+def pinned_sites(trace: Trace) -> dict[str, tuple[StructuralSite, str | int]]:
+    """Structural sites pinned by :func:`fix_structure` in a trace: site and chosen option."""
+    pinned = {}
+    for name, site in trace.nodes.items():
+        described = site.get("infer", {}).get(PINNED_KEY) if site["type"] == "sample" else None
+        if described is not None:
+            pinned[name] = (described, described.label(int(site["value"].exp().argmax(-1))
+                                                       if described.log_space
+                                                       else int(site["value"].argmax(-1))))
+    return pinned
+
+
 def find_structural_sites(model: Callable[..., Any], *args: Any, **kwargs: Any
                           ) -> dict[str, StructuralSite]:
     """Trace ``model(*args, **kwargs)`` once and return its structural sites."""
@@ -321,7 +335,7 @@ class FixStructureMessenger(Messenger):
         msg["value"] = value
         msg["fn"] = dist.Delta(value, event_dim=1).expand(msg["fn"].batch_shape)
         msg["is_observed"] = True
-        msg["infer"] = {**msg["infer"], "structsel_fixed": True}
+        msg["infer"] = {**msg["infer"], "structsel_fixed": True, PINNED_KEY: site}
 
 
 def fix_structure(fn: Callable[..., Any] | None = None,

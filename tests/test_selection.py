@@ -417,3 +417,23 @@ def test_unknown_evidence_estimator_lists_the_valid_ones():
     assert all(repr(method.value) in message for method in ps.EvidenceMethod)
     with pytest.raises(ValueError, match=r"Unknown evidence estimator 'nope'; expected one of"):
         ps.select_structure(_user_model, x, y, num_steps=1, evidence="nope", **FAST)
+
+
+def test_a_model_with_its_structure_pinned_is_fitted_as_that_structure():
+    import warnings
+
+    torch.manual_seed(0)
+    x = torch.randn(60, 2)
+    y = torch.tanh(x @ torch.randn(2, 1)).squeeze(-1) + 0.1 * torch.randn(60)
+    model = ps.NetworkModel(ps.one_hidden_layer(2, 1, hidden=4, activations=("tanh", "relu")),
+                            likelihood="normal", noise_scale=0.1)
+    fixed = ps.select_structure(ps.fix_structure(model, {"activation": "relu"}), x, y,
+                                num_steps=50, seed=0, progress=False, num_evidence_samples=100)
+    assert fixed.structure == {"activation": "relu"} and fixed.sites == {}
+    assert fixed.probabilities["activation"].tolist() == [0.0, 1.0]
+    assert fixed.structural_complexity.value == 0.0
+    assert fixed.summary().loc[("activation", "relu"), "chosen"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # k-hat / convergence of a 50-step fit
+        idata = fixed.to_inference_data(num_samples=100)
+    assert "log_likelihood" in idata.groups()
