@@ -27,8 +27,8 @@ from ._enums import parse_option
 from ._sampling import trace_model
 from .crossval import CROSS_VALIDATION, cross_validation
 from .evidence import EvidenceMethod, estimate_evidence
-from .ggn import ggn_laplace
 from .estimate import Estimate
+from .ggn import ggn_laplace
 from .network import NetworkModel
 from .selection import (
     _build_guide,
@@ -37,7 +37,7 @@ from .selection import (
     _trace_for_sites,
     module_params_kept,
 )
-from .structure import StructuralSite, fix_structure
+from .structure import StructuralSite, check_structure, fix_structure
 from .training import fit
 
 #: Estimators that score the fixed model without a fitted guide.
@@ -54,26 +54,6 @@ def all_structures(sites: Mapping[str, StructuralSite]) -> list[dict[str, str | 
     names = list(sites)
     options = [[sites[n].label(k) for k in range(sites[n].num_options)] for n in names]
     return [dict(zip(names, combo)) for combo in itertools.product(*options)]
-
-
-def _check_structures(structures: Sequence[Mapping[str, str | int]],
-                      sites: Mapping[str, StructuralSite]) -> list[dict[str, str | int]]:
-    checked = []
-    for structure in structures:
-        if not isinstance(structure, Mapping):
-            raise ValueError(f"Expected each structure to be a dict site -> option, but got "
-                             f"{structure!r}.")
-        unknown = sorted(set(structure) - set(sites))
-        if unknown:
-            raise ValueError(f"Unknown structural site(s) {unknown} in structure "
-                             f"{dict(structure)!r}; the sites are {list(sites)}.")
-        missing = sorted(set(sites) - set(structure))
-        if missing:
-            raise ValueError(f"Structure {dict(structure)!r} gives no option for site(s) "
-                             f"{missing}; give one option per structural site.")
-        checked.append({name: sites[name].label(sites[name].index(structure[name]))
-                        for name in sites})
-    return checked
 
 
 def inert_sites(model: Callable[..., Any], *args: Any, num_checks: int = 3,
@@ -196,7 +176,7 @@ def compare_structures(
         raise ValueError(f"Expected num_steps to be an int >= 1, but got {num_steps!r}.")
     _check_inputs(model, args, kwargs)
     sites, model_params = _trace_for_sites(model, args, kwargs)
-    chosen = _check_structures(structures, sites) if structures is not None \
+    chosen = [check_structure(s, sites) for s in structures] if structures is not None \
         else all_structures(sites)
     if not chosen:
         raise ValueError("No structure to compare.")

@@ -68,6 +68,7 @@ from ._warnings import find_stack_level
 from .estimate import Estimate
 from .family import derive_network
 from .laplace import LaplaceWarning
+from .structure import StructuralSite, check_structure
 
 __all__ = ["HessianStructure", "ggn_laplace"]
 
@@ -115,24 +116,9 @@ def _derived_names(model: Any, structure: Mapping[str, str | int]) -> dict[str, 
 
 def _check_structure(model: Any, structure: Mapping[str, str | int] | None
                      ) -> dict[str, str | int]:
-    sites = model.net.mixed_ops
-    structure = dict(structure or {})
-    unknown = sorted(set(structure) - set(sites))
-    if unknown:
-        raise ValueError(f"Unknown structural site(s) {unknown} in structure; the sites are "
-                         f"{list(sites)}.")
-    missing = sorted(set(sites) - set(structure))
-    if missing:
-        raise ValueError(f"The network has structural site(s) {missing}; pass structure={{site: "
-                         "option}} with one option per site to score one structure.")
-    for site, option in structure.items():
-        labels = sites[site][1].labels
-        valid = option in labels if isinstance(option, str) else \
-            isinstance(option, int) and 0 <= option < len(labels)
-        if not valid:
-            raise ValueError(f"Unknown option {option!r} for structural site {site!r}; expected "
-                             f"one of {list(labels)} or an index below {len(labels)}.")
-    return structure
+    sites = {name: StructuralSite(name, len(op.labels), op.labels, False)
+             for name, (_, op) in model.net.mixed_ops.items()}
+    return check_structure(structure or {}, sites)
 
 
 # ----------------------------------------------------------------------------- curvature

@@ -291,6 +291,28 @@ def pinned_sites(trace: Trace) -> dict[str, tuple[StructuralSite, str | int]]:
     return pinned
 
 
+def check_structure(structure: Any, sites: Mapping[str, StructuralSite]
+                    ) -> dict[str, str | int]:
+    """Validate a structure (site → option label or index) against ``sites``.
+
+    Returns the structure with every option as its label (index where the
+    site has none). Raises ``ValueError`` naming an unknown site or option, or
+    a site the structure gives no option for.
+    """
+    if not isinstance(structure, Mapping):
+        raise ValueError(f"Expected each structure to be a dict site -> option, but got "
+                         f"{structure!r}.")
+    unknown = sorted(set(structure) - set(sites))
+    if unknown:
+        raise ValueError(f"Unknown structural site(s) {unknown} in structure "
+                         f"{dict(structure)!r}; the sites are {list(sites)}.")
+    missing = sorted(set(sites) - set(structure))
+    if missing:
+        raise ValueError(f"Structure {dict(structure)!r} gives no option for site(s) "
+                         f"{missing}; give one option per structural site.")
+    return {name: site.label(site.index(structure[name])) for name, site in sites.items()}
+
+
 def find_structural_sites(model: Callable[..., Any], *args: Any, **kwargs: Any
                           ) -> dict[str, StructuralSite]:
     """Trace ``model(*args, **kwargs)`` once and return its structural sites."""
