@@ -112,6 +112,8 @@ def compare_structures(
     guide: Any = None,
     num_steps: int = 1000,
     lr: float = 0.01,
+    optim: Callable[[], pyro.optim.PyroOptim] | None = None,
+    num_particles: int = 1,
     num_samples: int = 1000,
     seed: int | None = None,
     progress: bool = True,
@@ -140,6 +142,11 @@ def compare_structures(
         built per structure.
     num_steps, lr : int, float
         SVI steps and Adam learning rate of each fit.
+    optim : callable, optional
+        Makes a fresh Pyro optimiser per fit (e.g. ``lambda: pyro.optim.ClippedAdam(
+        {"lr": 0.05, "lrd": 0.999})``); default Adam with ``lr``.
+    num_particles : int
+        Particles per ELBO gradient in each fit.
     num_samples : int
         Draws per Monte Carlo estimate.
     seed : int, optional
@@ -195,7 +202,9 @@ def compare_structures(
                               leave=False):
             estimates[structure_label(structure)] = _score_structure(
                 model, structure, args, kwargs, eval_kwargs, method_enum, guide=guide,
-                model_params=model_params, num_steps=num_steps, lr=lr,
+                model_params=model_params, num_steps=num_steps,
+                optim=optim or (lambda: pyro.optim.Adam({"lr": lr})), lr=lr,
+                num_particles=num_particles,
                 num_samples=num_samples, seed=seed, folds=folds,
                 marginalize_inert=marginalize_inert, curvature=curvature)
     return _table(estimates, {structure_label(s): s for s in chosen})
@@ -204,8 +213,9 @@ def compare_structures(
 def _score_structure(model: Callable[..., Any], structure: Mapping[str, str | int],
                      args: tuple, kwargs: dict[str, Any], eval_kwargs: dict[str, Any],
                      method: EvidenceMethod | None, *, guide: Any,
-                     model_params: dict[str, Any], num_steps: int, lr: float,
-                     num_samples: int, seed: int | None, folds: int,
+                     model_params: dict[str, Any], num_steps: int,
+                     optim: Callable[[], pyro.optim.PyroOptim], lr: float,
+                     num_particles: int, num_samples: int, seed: int | None, folds: int,
                      marginalize_inert: bool, curvature: str | None) -> Estimate:
     """Log evidence of one structure (``method=None``: cross-validation)."""
     if curvature is not None:  # a network: Gauss-Newton Laplace on the pruned network
@@ -224,8 +234,8 @@ def _score_structure(model: Callable[..., Any], structure: Mapping[str, str | in
         fitted = None
         if method not in _NEEDS_NO_GUIDE:
             fitted = _build_guide(fixed, guide, {}, args, kwargs, None)
-            fit(fixed, fitted, args, kwargs, num_steps=num_steps,
-                optim=pyro.optim.Adam({"lr": lr}), progress=False)
+            fit(fixed, fitted, args, kwargs, num_steps=num_steps, optim=optim(),
+                num_particles=num_particles, progress=False)
         return estimate_evidence(method, fixed, fitted, *args, num_samples=num_samples,
                                  **eval_kwargs)
 
