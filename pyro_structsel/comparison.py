@@ -221,16 +221,18 @@ def _score_structure(model: Callable[..., Any], structure: Mapping[str, str | in
     if curvature is not None:  # a network: Gauss-Newton Laplace on the pruned network
         return ggn_laplace(model, *args, structure=structure, hessian_structure=curvature,
                            **eval_kwargs)
-    fixed = fix_structure(model, structure)
-    inert = inert_sites(fixed, *args, **eval_kwargs) if marginalize_inert else []
-    if inert:  # integrate them out exactly: hide them from inference
-        fixed = poutine.block(fixed, hide=inert)
-    if seed is not None:
-        pyro.set_rng_seed(seed)
-    if method is None:
-        return cross_validation(fixed, *args, folds=folds, num_steps=num_steps, guide=guide,
-                                lr=lr, num_samples=num_samples, seed=seed, **kwargs)
+    # everything runs in a scope of its own: tracing a PyroModule registers its parameters
     with pyro.get_param_store().scope(_clone_state(model_params)):
+        fixed = fix_structure(model, structure)
+        inert = inert_sites(fixed, *args, **eval_kwargs) if marginalize_inert else []
+        if inert:  # integrate them out exactly: hide them from inference
+            fixed = poutine.block(fixed, hide=inert)
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        if method is None:
+            return cross_validation(fixed, *args, folds=folds, num_steps=num_steps,
+                                    guide=guide, lr=lr, num_samples=num_samples, seed=seed,
+                                    **kwargs)
         fitted = None
         if method not in _NEEDS_NO_GUIDE:
             fitted = _build_guide(fixed, guide, {}, args, kwargs, None)

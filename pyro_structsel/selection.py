@@ -474,13 +474,13 @@ def _score(result: SelectionResult, estimators: list[EvidenceMethod], num_sample
     model, guide, args, kwargs = result.model, result.guide, result.args, result.kwargs
     if isinstance(model, NetworkModel):  # score on the full data, not on a minibatch
         kwargs = {key: value for key, value in kwargs.items() if key != "batch_size"}
-    result.pinned = pinned_sites(trace_model(model, args, kwargs))
-    for name, (site, option) in result.pinned.items():  # fixed by fix_structure: certain
-        result.structure[name] = option
-        result.probabilities[name] = torch.nn.functional.one_hot(
-            torch.tensor(site.index(option)), site.num_options).float()
-        result.posterior_mean[name] = result.probabilities[name]
     with result.param_scope():
+        result.pinned = pinned_sites(trace_model(model, args, kwargs))
+        for name, (site, option) in result.pinned.items():  # fixed by fix_structure: certain
+            result.structure[name] = option
+            result.probabilities[name] = torch.nn.functional.one_hot(
+                torch.tensor(site.index(option)), site.num_options).float()
+            result.posterior_mean[name] = result.probabilities[name]
         result.structural_complexity = (
             structural_complexity(model, guide, *args, **kwargs) if result.sites else
             Estimate(0.0, 0.0, 0, "entropy", {"vertex_entropy": 0.0, "sites": {}}))

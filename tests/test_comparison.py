@@ -119,3 +119,20 @@ def test_hessian_structure_is_for_networks_only(data):
     x, y = data
     with pytest.raises(ValueError, match="hessian_structure applies to a ps.NetworkModel"):
         ps.compare_structures(two_site_model, x, y, hessian_structure="kron", progress=False)
+
+
+def test_leaves_the_global_param_store_alone():
+    import pyro
+
+    torch.manual_seed(0)
+    x = torch.randn(30, 2)
+    y = torch.tanh(x.sum(-1)) + 0.1 * torch.randn(30)
+    pyro.param("user_param", torch.tensor(3.0))
+    model = ps.NetworkModel(ps.one_hidden_layer(2, 1, hidden=3, activations=("tanh", "identity")),
+                            likelihood="normal", noise_scale=0.1)
+    for method in ("elbo", "laplace"):
+        ps.compare_structures(model, x, y, method=method, num_steps=5, num_samples=10,
+                              progress=False)
+    ps.cross_validation(model, x, y, folds=2, num_steps=5, num_samples=10)
+    assert list(pyro.get_param_store().keys()) == ["user_param"]
+    assert float(pyro.param("user_param").detach()) == 3.0
