@@ -224,7 +224,8 @@ def _concat(parts: list[Draws]) -> Draws:
 
 @torch.no_grad()
 def draw_guide(guide: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any],
-               names: Iterable[str], *, num_samples: int, nesting: int = 0) -> dict[str, torch.Tensor]:
+               names: Iterable[str], *, num_samples: int, nesting: int = 0
+               ) -> dict[str, torch.Tensor]:
     """Values of sites ``names`` in ``num_samples`` draws from the guide alone (leading ``n``).
 
     ``nesting`` is the model's plate nesting (:func:`max_plate_nesting`).

@@ -58,35 +58,23 @@ FULL_DEFAULTS: dict[str, Any] = {"steps": 5000, "subsample": None, "evidence_sam
 QUICK_DEFAULTS: dict[str, Any] = {"steps": 500, "subsample": None, "evidence_samples": 100}
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _number(convert: Callable[[str], float], low: float, strict: bool,
+            what: str) -> Callable[[str], Any]:
+    """An argparse type: ``convert(text)`` finite and > ``low`` (>= ``low`` if not strict)."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (math.isfinite(value) and (value > low if strict else value >= low)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+_positive_int = _number(int, 1, False, "a positive integer")
+_non_negative_int = _number(int, 0, False, "a non-negative integer")
+_positive_float = _number(float, 0.0, True, "a positive number")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Bayesian structure selection on scikit-learn's digits (bundled, no "
                     "download): chooses the activation of each hidden layer of a "
                     "two-hidden-layer network by variational inference, prints a report and "
-                    "writes results.json, summary.csv, losses.csv, losses.png, posterior.png and idata.nc (ArviZ).",
+                    "writes results.json, summary.csv, losses.csv, losses.png, posterior.png "
+                    "and idata.nc (ArviZ).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=Path("structsel-out"),

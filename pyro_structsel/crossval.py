@@ -50,10 +50,9 @@ from .exact import _as_matrix, _as_precisions, _as_targets, _posterior
 from .network import NetworkModel
 from .selection import (
     _build_guide,
-    _cached_module_params,
     _check_inputs,
     _clone_state,
-    _restore_module_params,
+    module_params_kept,
 )
 from .structure import structural_sites
 from .training import fit
@@ -347,8 +346,7 @@ def cross_validation(model: Callable[..., Any], *args: Any, folds: int | Sequenc
     num_data = _data_arguments(args, kwargs)
     parts = kfold_indices(num_data, folds, seed=seed)
 
-    cached = _cached_module_params(model)
-    try:
+    with module_params_kept(model):  # the model keeps its own parameters
         with pyro.get_param_store().scope() as model_params:  # the model's own parameters
             trace = trace_model(model, args, kwargs)
         sites = structural_sites(trace)
@@ -395,8 +393,6 @@ def cross_validation(model: Callable[..., Any], *args: Any, folds: int | Sequenc
                 mc_se = float(se)
             fold_values.append(float(value))
             fold_mc_se.append(mc_se)
-    finally:
-        _restore_module_params(cached)
     fold_sizes = [int(test.numel()) for test in parts]
     return _summarise(fold_values, fold_sizes, pointwise, num_samples * len(parts), {
         "folds": parts, "monte_carlo_se": math.sqrt(sum(s * s for s in fold_mc_se)),

@@ -296,7 +296,7 @@ DEFAULT_ACTIVATIONS = ("relu", "tanh", "sigmoid", "identity")
 def one_hidden_layer(in_features: int, out_features: int, *, hidden: int = 32,
                      activations: Sequence[str] = DEFAULT_ACTIVATIONS,
                      shared_weights: bool = False, name: str = "activation") -> GraphFamily:
-    r"""One hidden layer with K candidate activations, :math:`f(x) = V\sum_k\gamma_k\sigma_k(W_k x)`.
+    r"""One hidden layer of K candidate activations, :math:`V\sum_k\gamma_k\sigma_k(W_k x)`.
 
     Parameters
     ----------
