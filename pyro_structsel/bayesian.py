@@ -92,6 +92,12 @@ class BayesianModule(PyroModule):
         Make the scales learnable Pyro parameters (empirical Bayes).
     prior, concentration, temperature :
         Prior of the structural sites, see :func:`~pyro_structsel.structure`.
+    learn_concentration, learn_temperature : bool
+        Make the Dirichlet concentration :math:`\alpha` (scalar, shared by all
+        structural sites) or the Concrete temperature :math:`T` a learnable
+        positive Pyro parameter (``"concentration"`` / ``"temperature"`` under
+        the module's name), e.g. a hyperparameter of
+        :func:`~pyro_structsel.optimize_hyperparameters`.
     prefix : str
         Prefix of the weight site names.
 
@@ -107,6 +113,7 @@ class BayesianModule(PyroModule):
     def __init__(self, module: nn.Module, *, prior_scale: float | Mapping[str, float] = 1.0,
                  learn_prior_scale: bool = False, prior: str = "dirichlet",
                  concentration: float = 1.0, temperature: float = 0.5,
+                 learn_concentration: bool = False, learn_temperature: bool = False,
                  prefix: str = "") -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
@@ -128,6 +135,12 @@ class BayesianModule(PyroModule):
             self.prior_scale = PyroParam(scales, constraint=constraints.positive)
         else:
             self.register_buffer("prior_scale", scales)
+        # learnable structural hyperparameters: read by sample() in place of the fixed values
+        self._learned = [key for key, flag in (("concentration", learn_concentration),
+                                               ("temperature", learn_temperature)) if flag]
+        for key in self._learned:
+            setattr(self, key, PyroParam(torch.tensor(float(self.structural_prior[key])),
+                                         constraint=constraints.positive))
 
     def site_name(self, parameter: str) -> str:
         """Pyro site name of a parameter of the wrapped module."""
@@ -151,9 +164,10 @@ class BayesianModule(PyroModule):
             prior = dist.Normal(torch.zeros((), dtype=scale.dtype), scale).expand(shape)
             values[name] = pyro.sample(self.site_name(name), prior.to_event(len(shape)),
                                        infer={GROUP_KEY: self.group_of[name]})
+        prior_args = {**self.structural_prior, **{k: getattr(self, k) for k in self._learned}}
         for site, (path, op) in self.mixed_ops.items():
             key = f"{path}.gamma" if path else "gamma"
-            values[key] = structure(site, op.labels, **self.structural_prior)
+            values[key] = structure(site, op.labels, **prior_args)
         return values
 
     def apply(self, values: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
