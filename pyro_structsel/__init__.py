@@ -16,6 +16,7 @@ from .complexity import (
 from .crossval import blr_cross_validation, cross_validation, kfold_indices
 from .datasets import Dataset, load_digits
 from .descent import StepSizeWarning, gradient_descent_evidence
+from .distributed import DistributedWarning, data_plate, init_distributed
 from .diagnostics import (
     Convergence,
     ConvergenceWarning,
@@ -39,6 +40,11 @@ from .family import (
 )
 from .ggn import ggn_laplace
 from .guides import AutoMeanFieldNormal, AutoStructure, default_guide
+from .hyperopt import (
+    HypergradientWarning,
+    HyperparameterResult,
+    optimize_hyperparameters,
+)
 from .laplace import LaplaceWarning, laplace
 from .network import NetworkModel
 from .plots import (
@@ -47,6 +53,7 @@ from .plots import (
     plot_simplex,
     plot_structure_posterior,
 )
+from .reversible import Hypergradient, ReconstructionWarning, rmad, sgd_momentum
 from .selection import SelectionResult, select_structure
 from .structure import (
     StructuralSite,
@@ -68,15 +75,20 @@ __all__ = [
     "Dataset",
     "DescriptionLength",
     "DiagnosticWarning",
+    "DistributedWarning",
     "Estimate",
     "EvidenceMethod",
     "FitDiagnostics",
     "GraphFamily",
+    "Hypergradient",
+    "HypergradientWarning",
+    "HyperparameterResult",
     "LaplaceWarning",
     "MixedOp",
     "NetworkModel",
     "NonFiniteLossError",
     "ParetoKWarning",
+    "ReconstructionWarning",
     "SelectionResult",
     "StepSizeWarning",
     "StructuralSite",
@@ -91,6 +103,7 @@ __all__ = [
     "compare_structures",
     "conv_family",
     "cross_validation",
+    "data_plate",
     "default_guide",
     "derive_network",
     "description_length",
@@ -103,12 +116,14 @@ __all__ = [
     "ggn_laplace",
     "gradient_descent_evidence",
     "inert_sites",
+    "init_distributed",
     "iwae",
     "kfold_indices",
     "laplace",
     "load_checkpoint",
     "load_digits",
     "one_hidden_layer",
+    "optimize_hyperparameters",
     "parametric_complexity",
     "plot_elbo",
     "plot_evidence_comparison",
@@ -116,8 +131,10 @@ __all__ = [
     "plot_structure_posterior",
     "polynomial_features",
     "psis_khat",
+    "rmad",
     "save_checkpoint",
     "select_structure",
+    "sgd_momentum",
     "structural_complexity",
     "structural_prior",
     "structure",

@@ -27,6 +27,10 @@ Example
 
     $ python -m pyro_structsel --quick --out /tmp/structsel
     $ pyro-structsel --steps 4000 --hidden 64 64 --prior concrete
+    $ torchrun --standalone --nproc_per_node=2 -m pyro_structsel --quick
+
+Under ``torchrun`` the fit is data-parallel (each rank its shard of the
+digits, see :mod:`pyro_structsel.distributed`); rank 0 prints and writes.
 """
 
 from __future__ import annotations
@@ -520,15 +524,28 @@ def main(argv: list[str] | None = None) -> int:
         config = _resolve(args, parser)
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2), already printed
         return exit_.code if isinstance(exit_.code, int) else 2
+    from .distributed import init_distributed, is_main_process, launched_by_torchrun
+
     start = time.perf_counter()
+    # under torchrun every rank runs the job data-parallel; rank 0 alone prints and writes
+    owned = launched_by_torchrun() and init_distributed()
     try:
-        run = run_selection(config)
-    except ValueError as error:  # bad data, checkpoint or option combination: say which
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 1
-    print(format_report(run))
-    written = write_outputs(run, args.out)
-    print(format_diagnostics(run.result))
-    print(f"\nwrote {', '.join(p.name for p in written.values())} to {args.out} "
-          f"({time.perf_counter() - start:.1f} s in all)")
-    return 0
+        try:
+            run = run_selection(config)
+        except ValueError as error:  # bad data, checkpoint or option combination: say which
+            if is_main_process():
+                print(f"{PROG}: error: {error}", file=sys.stderr)
+            return 1
+        if not is_main_process():
+            return 0
+        print(format_report(run))
+        written = write_outputs(run, args.out)
+        print(format_diagnostics(run.result))
+        print(f"\nwrote {', '.join(p.name for p in written.values())} to {args.out} "
+              f"({time.perf_counter() - start:.1f} s in all)")
+        return 0
+    finally:
+        if owned:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()

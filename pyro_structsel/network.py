@@ -5,7 +5,8 @@ r"""A ready Pyro model: a Bayesian network of a family plus a likelihood.
     \Gamma \sim p(\Gamma), \quad w \sim \mathcal N(0, h^2), \quad
     y_i \mid x_i, w, \Gamma \sim p(y \mid f_{w,\Gamma}(x_i)), \ i \in \text{plate}
 
-with a ``pyro.plate`` over the data that subsamples minibatches.
+with a ``pyro.plate`` over the data that subsamples minibatches (and, in a
+distributed fit, takes this rank's shard: :func:`~pyro_structsel.data_plate`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 
 from ._enums import Likelihood, parse_option
 from .bayesian import BayesianModule
+from .distributed import data_plate
 from .family import derive_network
 
 
@@ -43,7 +45,9 @@ class NetworkModel(PyroModule):
     Call it as ``model(x, y=None, *, batch_size=None)``: ``x`` has one row per
     observation, ``y`` one label (``"categorical"``) or target (``"normal"``)
     per row, and ``batch_size`` subsamples the data plate (the likelihood is
-    rescaled by Pyro so minibatches estimate the full-data ELBO).
+    rescaled by Pyro so minibatches estimate the full-data ELBO). In a
+    distributed fit each rank takes its shard of the rows and ``batch_size``
+    is the minibatch per rank (see :func:`~pyro_structsel.data_plate`).
 
     Parameters
     ----------
@@ -86,7 +90,7 @@ class NetworkModel(PyroModule):
                 batch_size: int | None = None) -> torch.Tensor:
         self._check_data(x, y, batch_size)
         values = self.net.sample()
-        with pyro.plate("data", x.shape[0], subsample_size=batch_size) as idx:
+        with data_plate("data", x.shape[0], subsample_size=batch_size) as idx:
             out = self.net.apply(values, x[idx])
             obs = None if y is None else y[idx]
             if self.likelihood is Likelihood.CATEGORICAL:

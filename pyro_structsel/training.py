@@ -13,7 +13,7 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +21,19 @@ import pyro
 import pyro.optim
 import torch
 from pyro import poutine
+from pyro.distributions import constraints
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import zero_grads
 from tqdm.auto import tqdm
 
+from . import distributed
 from ._sampling import VectorizationWarning, max_plate_nesting
+from .fastpath import network_elbo
 from .guides import is_factorised, structure_guides
 
 CHECKPOINT_FORMAT = "pyro_structsel.checkpoint/1"
+#: Constraints whose transform maps finite values to finite values (identity, softplus).
+_FINITE_WITH_UNCONSTRAINED = (type(constraints.real), type(constraints.softplus_positive))
 
 
 class FactorisedELBO(TraceMeanField_ELBO):
@@ -111,7 +116,33 @@ def _describe_non_finite(model: Callable[..., Any], guide: Callable[..., Any], a
 
 
 def _grads_finite(params: set[torch.Tensor]) -> bool:
-    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    # one fused norm first (a NaN or inf anywhere makes it non-finite); per tensor only if it
+    # alarms, since the norm of huge finite gradients can overflow too
+    if bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+        return True
+    return all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+def _overflowed(names: Iterable[str]) -> list[str]:
+    """The parameters among ``names`` whose constrained value is no longer finite.
+
+    A real or softplus-positive parameter is finite exactly when its
+    unconstrained tensor is, so those are checked together in one fused norm;
+    others (an ``exp`` can overflow a finite value) one by one.
+    """
+    store = pyro.get_param_store()
+    state = store.get_state()
+    names = [name for name in names if name in state["params"]]
+    direct = [name for name in names
+              if type(state["constraints"][name]) in _FINITE_WITH_UNCONSTRAINED]
+    if direct and not bool(torch.isfinite(torch.nn.utils.get_total_norm(
+            [state["params"][name].detach() for name in direct]))):
+        direct = []  # something is off: check them one by one
+    return [name for name in names
+            if name not in direct and not bool(torch.isfinite(store[name]).all())]
 
 
 def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
@@ -121,11 +152,15 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
         checkpoint: str | os.PathLike[str] | None = None, checkpoint_every: int = 100,
         temperature: Callable[[int], float] | None = None,
         callback: Callable[[int, float], Any] | None = None,
-        description: str = "select_structure") -> list[float]:
+        description: str = "select_structure", fast: bool = True) -> list[float]:
     """Run ``num_steps`` SVI steps; returns the loss (−ELBO) of every step.
 
     The ELBO is :class:`FactorisedELBO` (analytic KL) for a fully factorised
-    guide such as the default one, ``Trace_ELBO`` otherwise.
+    guide such as the default one, ``Trace_ELBO`` otherwise. With ``fast``
+    (default) a :class:`~pyro_structsel.NetworkModel` with the default guide
+    runs on :class:`~pyro_structsel.fastpath.NetworkELBO` instead: the same
+    objective and parameters computed directly in torch, several times faster
+    per step; ``fast=False`` keeps Pyro's stock ELBO.
 
     Call it inside the parameter store scope of the fit. With ``checkpoint``
     the state is saved every ``checkpoint_every`` steps and at the end, and an
@@ -134,11 +169,24 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
     naming the step and the sites before the update; parameters that overflow
     in an update raise it after, before any checkpoint. Either way the last
     checkpoint is the last good state.
+
+    Under a ``torch.distributed`` process group (see
+    :mod:`pyro_structsel.distributed`) the fit is data-parallel: rank 0's
+    initial parameters are broadcast, each rank gets its own particle noise,
+    the gradients and the loss are averaged over the ranks before every
+    step, and only rank 0 shows the bar and writes the checkpoint (which
+    holds every rank's RNG state).
     """
     kwargs = dict(kwargs or {})
     nesting = max_plate_nesting(model, args, kwargs)
+    sharded = distributed.is_distributed()
     with poutine.block(), torch.no_grad():  # create the guide's parameters
         poutine.trace(guide).get_trace(*args, **kwargs)
+        if sharded:  # and the model's, so that rank 0 can send them all
+            poutine.trace(model).get_trace(*args, **kwargs)
+    if sharded:  # one q on every rank, own particle noise per rank
+        distributed.broadcast_parameters()
+        distributed.seed_ranks()
     vectorize = num_particles > 1 and vectorize_particles is not False
     if vectorize and vectorize_particles is None:
         try:
@@ -150,12 +198,16 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
             warnings.warn(f"The model is not safe for vectorised particles "
                           f"({type(error).__name__}: {error}); looping over particles.",
                           VectorizationWarning, stacklevel=3)
-    elbo_class = FactorisedELBO if is_factorised(guide) else Trace_ELBO
-    elbo = elbo_class(num_particles=num_particles, vectorize_particles=vectorize,
-                      max_plate_nesting=nesting)
+    elbo = (network_elbo(model, guide, num_particles=num_particles,
+                         vectorize_particles=vectorize) if fast else None)
+    if elbo is None:  # not a NetworkModel with the default guide, or fast=False: stock Pyro
+        elbo_class = FactorisedELBO if is_factorised(guide) else Trace_ELBO
+        elbo = elbo_class(num_particles=num_particles, vectorize_particles=vectorize,
+                          max_plate_nesting=nesting)
     losses: list[float] = []
     start = 0
-    state = load_checkpoint(checkpoint) if checkpoint is not None else None
+    state = (distributed.load_shared(load_checkpoint, os.fspath(checkpoint))
+             if checkpoint is not None else None)
     if state is not None:
         if state["step"] > num_steps:
             raise ValueError(f"The checkpoint {os.fspath(checkpoint)!r} is at step "
@@ -168,17 +220,20 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
             poutine.trace(guide).get_trace(*args, **kwargs)
             poutine.trace(model).get_trace(*args, **kwargs)
         optim.set_state(state["optim"])
-        pyro.util.set_rng_state(state["rng"])
+        distributed.restore_rng_state(state, os.fspath(checkpoint))  # type: ignore[arg-type]
         losses, start = list(state["losses"]), int(state["step"])
 
     def save(step: int) -> None:
-        save_checkpoint(checkpoint, {  # type: ignore[arg-type]
-            "format": CHECKPOINT_FORMAT, "step": step, "losses": losses,
-            "params": pyro.get_param_store().get_state(), "optim": optim.get_state(),
-            "rng": pyro.util.get_rng_state()})
+        ranks = distributed.gather_rng_states()  # every rank's RNG; {} in one process
+        if distributed.rank() == 0:
+            save_checkpoint(checkpoint, {  # type: ignore[arg-type]
+                "format": CHECKPOINT_FORMAT, "step": step, "losses": losses,
+                "params": pyro.get_param_store().get_state(), "optim": optim.get_state(),
+                "rng": pyro.util.get_rng_state(), **ranks})
+        distributed.barrier()
 
-    bar = tqdm(total=num_steps, initial=start, desc=description, disable=not progress,
-               mininterval=0.5, leave=False)
+    bar = tqdm(total=num_steps, initial=start, desc=description,
+               disable=not progress or distributed.rank() != 0, mininterval=0.5, leave=False)
     try:
         for step in range(start, num_steps):
             if temperature is not None:
@@ -187,6 +242,10 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
             with poutine.trace(param_only=True) as capture:
                 loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
             params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+            if sharded:  # mean over the ranks; a non-finite value on one rank reaches all
+                loss = distributed.all_reduce_gradients(
+                    {name: site["value"].unconstrained()
+                     for name, site in capture.trace.nodes.items()}, loss)
             if not math.isfinite(loss) or not _grads_finite(params):
                 bad_grads = [name for name, site in capture.trace.nodes.items()
                              if not _grads_finite({site["value"].unconstrained()})]
@@ -201,9 +260,8 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
                        if checkpoint is not None else "."))
             optim(params)
             zero_grads(params)
-            store = pyro.get_param_store()  # a finite gradient can still overflow a parameter
-            overflowed = [name for name in capture.trace.nodes
-                          if name in store and not bool(torch.isfinite(store[name]).all())]
+            # a finite gradient can still overflow a parameter
+            overflowed = _overflowed(capture.trace.nodes)
             if overflowed:
                 raise NonFiniteLossError(
                     f"The update of step {step} (loss={loss}) made the parameters {overflowed} "

@@ -1,0 +1,514 @@
+r"""Data-parallel SVI on ``torch.distributed``: sharded data plates and gradient all-reduce.
+
+Launch the same script once per process, e.g. ``torchrun --nproc_per_node=R
+script.py`` (gloo on CPU, NCCL on GPU). Every rank holds the same model,
+guide and data; rank :math:`r` of :math:`R` evaluates the likelihood only on
+its shard :math:`S_r = \{r, r + R, r + 2R, \dots\}` of the :math:`N` rows of
+the data plate (strided, so data sorted by class or time is spread evenly),
+and the ranks average their gradients before every optimiser step.
+
+The estimator. Let :math:`\ell_i` be the log-likelihood of row :math:`i`
+and :math:`K` the rest of the ELBO (prior and entropy terms, computed on
+every rank). :func:`data_plate` is a ``pyro.plate`` of the **global** size
+:math:`N` whose subsample is the shard (or a random minibatch :math:`B_r`
+of the shard), so Pyro scales the rows by :math:`N / |B_r|`; the plate
+multiplies that by :math:`c_r = R\,|S_r| / N`, which is exactly 1 when
+:math:`R` divides :math:`N`. Rank :math:`r` computes
+
+.. math::
+
+    L_r = K + c_r \frac{N}{|B_r|} \sum_{i \in B_r} \ell_i
+        = K + \frac{R\,|S_r|}{|B_r|} \sum_{i \in B_r} \ell_i ,
+    \qquad \mathbb E_{B_r} L_r = K + R \sum_{i \in S_r} \ell_i ,
+
+and the mean over ranks is :math:`\frac1R \sum_r \mathbb E L_r = K + \sum_{i=1}^N
+\ell_i`: the full-data ELBO, exactly (not only in expectation) in full
+batch, for unequal shards too. Its gradient is the mean of the ranks'
+gradients, which :func:`all_reduce_gradients` computes (one flat buffer,
+parameters sorted by name, since Pyro hands the optimiser a ``set`` whose
+order differs between processes). Particle noise is independent across
+ranks (:func:`seed_ranks`), so :math:`R` ranks with one particle each
+estimate the gradient about as well as one process with :math:`R`
+particles on the full data, at :math:`1/R` of the likelihood cost per rank.
+
+Only a data-parallel fit shards: :func:`~pyro_structsel.select_structure`
+(``distributed=None`` or ``True`` under a process group) runs its fit
+inside :func:`use_distributed`, and scores the result on the full data on
+every rank. Outside such a fit (no group, ``distributed=False``, the
+evidence estimators, ArviZ export) every function here is a no-op and
+:func:`data_plate` is ``pyro.plate``.
+
+References
+----------
+S. Li et al. PyTorch Distributed: experiences on accelerating data parallel
+training. VLDB 2020.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import timedelta
+from typing import Any
+
+import pyro
+import pyro.util
+import torch
+import torch.distributed as tdist
+
+from ._warnings import find_stack_level
+
+#: Whether the code runs inside a data-parallel fit (set by :func:`use_distributed`).
+_ENABLED: ContextVar[bool] = ContextVar("pyro_structsel_distributed", default=False)
+
+_TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistributedWarning(UserWarning):
+    """A distributed run cannot continue exactly as the checkpoint or the setup asks."""
+
+
+def group_initialized() -> bool:
+    """Whether a ``torch.distributed`` default process group exists in this process."""
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def is_distributed() -> bool:
+    """Whether the code runs inside a data-parallel fit (:func:`use_distributed`).
+
+    A group of world size 1 counts (the same code path, with trivial collectives).
+    """
+    return _ENABLED.get() and group_initialized()
+
+
+def rank() -> int:
+    """This process's rank in the data-parallel fit (0 outside one)."""
+    return tdist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """Number of processes of the data-parallel fit (1 outside one)."""
+    return tdist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """Whether this process prints and writes outputs: rank 0 of the group, or no group."""
+    return not group_initialized() or tdist.get_rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    """Whether the environment names a rank and a rendezvous (``torchrun`` sets them)."""
+    return all(name in os.environ for name in _TORCHRUN_VARIABLES)
+
+
+def init_distributed(backend: str | None = None, init_method: str | None = None,
+                     timeout: timedelta | None = None) -> bool:
+    """Initialise the default process group from the environment, unless one exists.
+
+    Parameters
+    ----------
+    backend : str, optional
+        ``"gloo"`` or ``"nccl"``; default NCCL when CUDA is available (and
+        then the CUDA device ``LOCAL_RANK`` is made current), gloo otherwise.
+    init_method : str, optional
+        Rendezvous URL; default ``"env://"`` (``MASTER_ADDR`` and
+        ``MASTER_PORT``, as ``torchrun`` sets them). The rank and the world
+        size are read from ``RANK`` and ``WORLD_SIZE`` either way, so a
+        ``file://`` URL works for launchers without a port.
+    timeout : datetime.timedelta, optional
+        Timeout of the collectives (torch's default otherwise).
+
+    Returns
+    -------
+    bool
+        ``True`` if this call created the group (the caller then owns it and
+        may ``torch.distributed.destroy_process_group()`` it), ``False`` if
+        one existed already.
+    """
+    if not tdist.is_available():
+        raise ValueError("distributed=True needs torch.distributed, which this build of torch "
+                         "lacks; install a torch build with distributed support or pass "
+                         "distributed=False.")
+    if tdist.is_initialized():
+        return False
+    needed = ("RANK", "WORLD_SIZE") + (("MASTER_ADDR", "MASTER_PORT")
+                                       if init_method in (None, "env://") else ())
+    missing = [name for name in needed if name not in os.environ]
+    if missing:
+        raise ValueError(
+            f"distributed=True but no process group exists and the environment lacks "
+            f"{', '.join(missing)}: launch the script with `torchrun --nproc_per_node=R "
+            "script.py`, call torch.distributed.init_process_group() first, or pass "
+            "distributed=False.")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+    tdist.init_process_group(backend, init_method=init_method or "env://",
+                             rank=int(os.environ["RANK"]),
+                             world_size=int(os.environ["WORLD_SIZE"]), **kwargs)
+    return True
+
+
+def resolve_distributed(distributed: bool | None) -> bool:
+    """Whether a fit asked for with ``distributed`` runs data-parallel.
+
+    ``None``: when a process group is initialised; ``True``: always, creating
+    the group from the environment when needed (:func:`init_distributed`);
+    ``False``: never, a group is ignored.
+    """
+    if distributed is None:
+        return group_initialized()
+    if not isinstance(distributed, bool):
+        raise ValueError(f"Expected distributed to be True, False or None, but got "
+                         f"{distributed!r}.")
+    if distributed:
+        init_distributed()
+    return distributed
+
+
+@contextmanager
+def use_distributed(enabled: bool) -> Iterator[None]:
+    """Context of a data-parallel fit (``True``) or of one on this process alone (``False``).
+
+    ``True`` needs an initialised process group. Inside it :func:`data_plate`
+    shards and :func:`~pyro_structsel.training.fit` averages the gradients.
+    """
+    if enabled and not group_initialized():
+        raise ValueError("use_distributed(True) needs an initialised process group: call "
+                         "ps.distributed.init_distributed() (or launch with torchrun) first.")
+    token = _ENABLED.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+# ----------------------------------------------------------------------------- data plates
+
+
+def shard_indices(size: int, rank: int, world_size: int,
+                  device: str | torch.device | None = None) -> torch.Tensor:
+    """The rows of a plate of ``size`` that rank ``rank`` of ``world_size`` owns: ``rank::R``.
+
+    Shards differ in length by at most one row; together they are
+    ``range(size)``, each row once.
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"Expected world_size to be an int >= 1, but got {world_size!r}.")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"Expected rank to be an int in [0, {world_size}), but got {rank!r}.")
+    if isinstance(size, bool) or not isinstance(size, int) or size < world_size:
+        raise ValueError(
+            f"Expected the plate size to be an int >= world_size={world_size} (every rank "
+            f"needs at least one row), but got {size!r}; use fewer processes.")
+    return torch.arange(rank, size, world_size, device=device)
+
+
+class _ShardPlate(pyro.plate):
+    """``pyro.plate`` over a shard that also multiplies the scale by ``R |S_r| / N``."""
+
+    def __init__(self, name: str, size: int, subsample: torch.Tensor, correction: float,
+                 dim: int | None, device: str | torch.device | None) -> None:
+        super().__init__(name, size, subsample=subsample, dim=dim, device=device)
+        self.correction = correction
+
+    def _process_message(self, msg: Any) -> None:
+        super()._process_message(msg)
+        if self.correction != 1.0:
+            msg["scale"] = msg["scale"] * self.correction
+
+
+def shard_plate(name: str, size: int, *, rank: int, world_size: int,
+                subsample_size: int | None = None, dim: int | None = None,
+                device: str | torch.device | None = None) -> pyro.plate:
+    r"""The data plate of rank ``rank`` of ``world_size``, whatever the process group.
+
+    :func:`data_plate` calls it with this process's rank; call it yourself to
+    emulate a rank (or to check the scaling). The plate has the global size
+    ``size``, its subsample is the shard :func:`shard_indices` (or, with
+    ``subsample_size``, a uniformly random minibatch of that many rows of the
+    shard, drawn with ``torch.randperm``), and the rows are scaled by
+    :math:`(N / |B_r|)(R |S_r| / N)` so the ranks' mean loss is the full-data
+    loss (see the module notes).
+
+    Parameters
+    ----------
+    name, size, dim, device
+        As for ``pyro.plate``.
+    rank, world_size : int
+        The rank to build the plate for, and the number of ranks.
+    subsample_size : int, optional
+        Minibatch size **per rank** (the global minibatch is ``world_size``
+        times larger); ``None``: the whole shard.
+
+    Returns
+    -------
+    pyro.plate
+        Usable as a context manager yielding the global row indices, or iterated.
+    """
+    rows, correction = _shard_rows(size, rank, world_size, subsample_size, device)
+    return _ShardPlate(name, size, rows, correction, dim, device)
+
+
+def _shard_rows(size: int, rank: int, world_size: int, subsample_size: int | None,
+                device: str | torch.device | None = None) -> tuple[torch.Tensor, float]:
+    """The rows of :func:`shard_plate` and its correction :math:`R |S_r| / N` of the scale."""
+    shard = shard_indices(size, rank, world_size, device=device)
+    if subsample_size is not None:
+        if isinstance(subsample_size, bool) or not isinstance(subsample_size, int) \
+                or subsample_size < 1:
+            raise ValueError(f"Expected subsample_size to be a positive int or None, but got "
+                             f"{subsample_size!r}.")
+        if subsample_size < len(shard):
+            shard = shard[torch.randperm(len(shard), device=shard.device)[:subsample_size]]
+    return shard, world_size * len(range(rank, size, world_size)) / size
+
+
+def data_rows(size: int, subsample_size: int | None = None) -> tuple[torch.Tensor | None, float]:
+    r"""The rows this process's loss reads, and the factor on their log-likelihood sum.
+
+    The same rows and scale as :func:`data_plate` for a loss written without
+    a plate (the fast path, :class:`~pyro_structsel.fastpath.NetworkELBO`):
+    ``(None, 1.0)`` for the whole data; a random minibatch ``B`` and
+    :math:`N / |B|`; in a data-parallel fit, this rank's shard (or a
+    minibatch ``B_r`` of it) and :math:`R |S_r| / |B_r|`, so the ranks' mean
+    is the full-data sum.
+    """
+    if not is_distributed():
+        if subsample_size is None or subsample_size >= size:
+            return None, 1.0
+        return torch.randperm(size)[:subsample_size], size / subsample_size
+    rows, correction = _shard_rows(size, rank(), world_size(), subsample_size)
+    return rows, correction * size / len(rows)
+
+
+def data_plate(name: str, size: int, subsample_size: int | None = None,
+               dim: int | None = None, device: str | torch.device | None = None) -> pyro.plate:
+    r"""``pyro.plate`` for the data: sharded across ranks in a distributed fit.
+
+    Use it in place of ``pyro.plate`` for the plate over the observations (in
+    the model, and in the guide if the guide has that plate). Outside a
+    data-parallel fit it **is** ``pyro.plate(name, size, subsample_size,
+    dim=dim, device=device)``, except that a ``subsample_size`` of ``size``
+    or more means the whole plate (``pyro.plate`` raises for more). In a
+    data-parallel fit it is :func:`shard_plate` for this
+    rank: the plate keeps the global size ``size`` (a plate sized to the
+    local shard would weight the likelihood by :math:`1/R`), its indices are
+    the global rows of this rank's shard ``rank::R`` (index the full data
+    with them), and ``subsample_size`` is the minibatch size per rank.
+
+    Example
+    -------
+    >>> def model(x, y):
+    ...     w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    ...     with ps.data_plate("data", len(x)) as idx:
+    ...         pyro.sample("y", dist.Normal(x[idx] @ w, 1.0), obs=y[idx])
+    """
+    if not is_distributed():  # a minibatch of the whole plate or more is the whole plate
+        whole = subsample_size is not None and isinstance(size, int) and subsample_size >= size
+        return pyro.plate(name, size, None if whole else subsample_size, dim=dim,
+                          device=device)
+    return shard_plate(name, size, rank=rank(), world_size=world_size(),
+                       subsample_size=subsample_size, dim=dim, device=device)
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+def _comm_device() -> torch.device:
+    if tdist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _flat_groups(tensors: list[torch.Tensor]) -> dict[torch.dtype, list[int]]:
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        groups.setdefault(tensor.dtype, []).append(i)
+    return groups
+
+
+def broadcast_parameters(names: Iterable[str] | None = None, src: int = 0) -> None:
+    """Copy the parameter store entries ``names`` (default all) from rank ``src`` to all ranks.
+
+    The unconstrained values are sent, sorted by name, one flat buffer per
+    dtype. Every rank must hold the same names with the same shapes; a
+    mismatch raises ``ValueError`` on every rank (no rank is left waiting).
+    """
+    if not is_distributed():
+        return
+    store = pyro.get_param_store()
+    params = dict(store.named_parameters())
+    names = sorted(params if names is None else names)
+    missing = [name for name in names if name not in params]
+    layout = [(name, tuple(params[name].shape)) if name in params else (name, None)
+              for name in names]
+    layouts: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(layouts, layout)
+    if missing or any(other != layouts[src] for other in layouts):
+        raise ValueError(
+            "The ranks hold different Pyro parameters (names or shapes), so they cannot share "
+            f"one q; rank {rank()} has {layout}, rank {src} has {layouts[src]}. Build the same "
+            "model and guide on every rank (same data sizes, same code path).")
+    tensors = [params[name] for name in names]
+    device = _comm_device()
+    with torch.no_grad():
+        for dtype, idx in _flat_groups(tensors).items():
+            buffer = torch.cat([tensors[i].detach().reshape(-1) for i in idx]).to(device)
+            tdist.broadcast(buffer, src=src)
+            offset = 0
+            for i in idx:
+                n = tensors[i].numel()
+                tensors[i].copy_(buffer[offset:offset + n].view_as(tensors[i]))
+                offset += n
+
+
+def all_reduce_gradients(named_params: Mapping[str, torch.Tensor],
+                         loss: float | None = None) -> float | None:
+    """Average the gradients of ``named_params`` (and ``loss``) over the ranks, in place.
+
+    The parameters are taken in the order of their names; the gradients go
+    in one flat buffer per dtype, the loss and a has-gradient flag per
+    parameter in one float64 buffer. A parameter whose gradient is ``None``
+    on every rank keeps ``None`` (so the optimiser skips it, as it would in
+    one process); one that has a gradient on some rank gets the mean with
+    zeros elsewhere. A non-finite loss or gradient on any rank makes the
+    result non-finite on all, so every rank takes the same branch.
+
+    Returns
+    -------
+    float or None
+        The mean of ``loss`` over the ranks (``loss`` itself when not distributed).
+    """
+    if not is_distributed():
+        return loss
+    names = sorted(named_params)
+    params = [named_params[name] for name in names]
+    world = tdist.get_world_size()
+    device = _comm_device()
+    header = torch.tensor([0.0 if loss is None else float(loss)]
+                          + [float(p.grad is not None) for p in params],
+                          dtype=torch.float64, device=device)
+    tdist.all_reduce(header)
+    summed = header.tolist()
+    for dtype, idx in _flat_groups(params).items():
+        buffer = torch.cat([(params[i].grad if params[i].grad is not None
+                             else torch.zeros_like(params[i])).detach().reshape(-1)
+                            for i in idx]).to(device)
+        tdist.all_reduce(buffer)
+        buffer /= world
+        offset = 0
+        for i in idx:
+            p = params[i]
+            n = p.numel()
+            if summed[1 + i] > 0:
+                mean = buffer[offset:offset + n].view_as(p).to(p.device)
+                if p.grad is None:
+                    p.grad = mean.clone()
+                else:
+                    p.grad.copy_(mean)
+            offset += n
+    return None if loss is None else summed[0] / world
+
+
+def all_reduce_mean(value: float) -> float:
+    """The mean of ``value`` over the ranks (in float64); ``value`` when not distributed."""
+    if not is_distributed():
+        return float(value)
+    buffer = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
+    tdist.all_reduce(buffer)
+    return float(buffer[0]) / tdist.get_world_size()
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (no-op when not distributed)."""
+    if is_distributed():
+        tdist.barrier()
+
+
+def shared_seed() -> int:
+    """A seed in ``[0, 2**31)`` drawn from rank 0's torch RNG and sent to every rank.
+
+    Every rank draws one (so the RNG streams advance alike) and keeps rank 0's.
+    Not distributed: the draw of this process.
+    """
+    seed = int(torch.randint(0, 2 ** 31, ()))
+    if not is_distributed():
+        return seed
+    buffer = torch.tensor([seed], dtype=torch.int64, device=_comm_device())
+    tdist.broadcast(buffer, src=0)
+    return int(buffer[0])
+
+
+def seed_ranks() -> None:
+    """Seed every RNG of rank ``r`` with ``shared_seed() + r``: equal parameters, own noise."""
+    if is_distributed():
+        pyro.set_rng_seed(shared_seed() + rank())
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def gather_rng_states() -> dict[str, Any]:
+    """The entries a distributed checkpoint adds: every rank's RNG state (collective).
+
+    Returns ``{"world_size": R, "rng_per_rank": [state of rank 0, ...]}``
+    (on every rank), or ``{}`` when not distributed, so a checkpoint of one
+    process is unchanged.
+    """
+    if not is_distributed():
+        return {}
+    states: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(states, pyro.util.get_rng_state())
+    return {"world_size": len(states), "rng_per_rank": states}
+
+
+def restore_rng_state(state: Mapping[str, Any], path: str) -> None:
+    """Set this rank's RNG state from a checkpoint ``state`` written at ``path``.
+
+    Same world size as the writer: each rank continues its own stream, so
+    the resumed run equals one never stopped. Otherwise a
+    :class:`DistributedWarning`, and the RNGs restart from the writer's
+    rank-0 state, reseeded per rank (the parameters and the optimiser state
+    are still exact).
+    """
+    written = int(state.get("world_size", 1))
+    world = world_size()
+    if written == world:
+        pyro.util.set_rng_state((state.get("rng_per_rank") or [state["rng"]])[rank()])
+        return
+    warnings.warn(
+        f"The checkpoint {path!r} was written by a run of {written} process(es) and resumes "
+        f"in a run of {world}: the parameters and the optimiser state continue exactly, but "
+        f"the random streams restart, so the result differs from an uninterrupted run. Resume "
+        f"with {written} process(es) for an exact continuation.",
+        DistributedWarning, stacklevel=find_stack_level())
+    pyro.util.set_rng_state(state["rng"])
+    seed_ranks()
+
+
+def load_shared(load: Callable[[str], dict[str, Any] | None], path: str
+                ) -> dict[str, Any] | None:
+    """``load(path)`` on rank 0, sent to every rank (no shared file system needed).
+
+    A ``ValueError`` raised by ``load`` (a file that is not a checkpoint) is
+    raised on every rank, so no rank waits for one that failed.
+    """
+    if not is_distributed():
+        return load(path)
+    box: list[Any] = [None]
+    if tdist.get_rank() == 0:
+        try:
+            box[0] = ("ok", load(path))
+        except ValueError as error:
+            box[0] = ("error", str(error))
+    tdist.broadcast_object_list(box, src=0)
+    kind, payload = box[0]
+    if kind == "error":
+        raise ValueError(payload)
+    return payload
