@@ -27,13 +27,17 @@ the Dirichlet KL in closed form and the Concrete KL by its one-sample Monte
 Carlo estimate :math:`\log q(\gamma) - \log p(\gamma)`, exactly as
 ``TraceMeanField_ELBO`` does for these sites. The minibatch :math:`\mathcal B`
 of size :math:`B` is drawn without replacement, as ``pyro.plate(...,
-subsample_size=B)`` draws it.
+subsample_size=B)`` draws it; in a data-parallel fit it comes from this
+rank's shard, weighted as :func:`~pyro_structsel.data_plate` weights it
+(:func:`~pyro_structsel.distributed.data_rows`).
 
 Pyro semantics are kept: the model is still the Pyro model and the guide
-still the guide; the parameters are read with ``pyro.param`` from the param
-store, so gradients land in the ``.grad`` of the very tensors that the stock
-ELBO would update, ``poutine.trace(param_only=True)`` sees them, and
-checkpoints, resume, scoring and export work unchanged.
+still the guide; the parameters are read from Pyro's param store (directly,
+not through ``pyro.param``'s effect handlers: the fast path applies only when
+no handler is active), so gradients land in the ``.grad`` of the very tensors
+that the stock ELBO would update (:meth:`NetworkELBO.parameters_read` names
+them, as a ``poutine.trace(param_only=True)`` would), and checkpoints,
+resume, scoring and export work unchanged.
 
 Optionally (``local_reparam=True``) the weights of every ``nn.Linear`` are
 integrated into the pre-activations (local reparameterisation trick, Kingma,
@@ -276,8 +280,22 @@ class NetworkELBO(pyro.infer.ELBO):
         self._checked: tuple[Any, ...] | None = None
         self._sizes = [math.prod(self._net.shapes[w.key]) for w in self._weights]
         self._num_weights = sum(self._sizes)
-        self._group_index = torch.cat([torch.full((size,), w.group, dtype=torch.long)
-                                       for w, size in zip(self._weights, self._sizes)])
+        self._site_group = torch.tensor([w.group for w in self._weights], dtype=torch.long)
+        self._read: dict[str, torch.Tensor] = {}
+
+    def _param(self, name: str) -> torch.Tensor:
+        """The constrained value of a parameter, read from the store (no effect handlers)."""
+        value = pyro.get_param_store()[name]
+        self._read[name] = value.unconstrained()
+        return value
+
+    def parameters_read(self) -> dict[str, torch.Tensor]:
+        """Name → unconstrained tensor of every parameter the last loss read.
+
+        What ``poutine.trace(param_only=True)`` would capture around a stock
+        ELBO: :func:`~pyro_structsel.training.fit` steps these tensors.
+        """
+        return dict(self._read)
 
     # -- Pyro's ELBO interface -------------------------------------------------------------
     def loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
@@ -339,19 +357,25 @@ class NetworkELBO(pyro.infer.ELBO):
         minibatch log-likelihood (default :math:`N / |B|`; see
         :func:`~pyro_structsel.distributed.data_rows`).
         """
-        scales = (pyro.param(self._scale_name) if self._scale_name is not None
+        scales = (self._param(self._scale_name) if self._scale_name is not None
                   else self._net._buffers["prior_scale"])
         particles = self.num_particles
         lead = (particles,) if particles > 1 else ()
         values: dict[str, torch.Tensor] = {}
         elbo = torch.zeros(lead)
         # one flat vector for all weights: a handful of kernels instead of a few per tensor
-        locs = [pyro.param(w.loc) for w in self._weights]
-        sigmas = [pyro.param(w.scale) for w in self._weights]
+        locs = [self._param(w.loc) for w in self._weights]
+        sigmas = [self._param(w.scale) for w in self._weights]
         loc = torch.cat([t.reshape(-1) for t in locs])
         sigma = torch.cat([t.reshape(-1) for t in sigmas])
-        h = scales[self._group_index]
-        kl = (torch.log(h / sigma) + (sigma * sigma + loc * loc) / (2 * h * h)).sum() \
+        # KL per site with its layer's scale h (sums over the flat vector, no per-weight h):
+        # n log h - sum(log sigma) + sum(sigma^2 + mu^2) / (2 h^2) - n / 2
+        h = scales[self._site_group]
+        sizes = h.new_tensor(self._sizes)
+        squares = torch.stack([part.sum() for part in
+                               (sigma * sigma + loc * loc).split(self._sizes)])
+        log_sigmas = torch.stack([part.sum() for part in sigma.log().split(self._sizes)])
+        kl = (sizes * h.log() - log_sigmas + squares / (2 * h * h)).sum() \
             - 0.5 * self._num_weights
         shapes = self._net.shapes
         if self.local_reparam:
@@ -365,7 +389,7 @@ class NetworkELBO(pyro.infer.ELBO):
             for w, part in zip(self._weights, flat.split(self._sizes, -1)):
                 values[w.key] = part.reshape(lead + shapes[w.key])
         for g in self._gammas:
-            param = pyro.param(g.param)
+            param = self._param(g.param)
             if g.log_space:
                 temperature = torch.tensor(g.part.temperature
                                            or g.part._prior_temperature[g.name],

@@ -23,12 +23,11 @@ import torch
 from pyro import poutine
 from pyro.distributions import constraints
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
-from pyro.infer.util import zero_grads
 from tqdm.auto import tqdm
 
 from . import distributed
 from ._sampling import VectorizationWarning, max_plate_nesting
-from .fastpath import network_elbo
+from .fastpath import NetworkELBO, network_elbo
 from .guides import is_factorised, structure_guides
 
 CHECKPOINT_FORMAT = "pyro_structsel.checkpoint/1"
@@ -126,23 +125,31 @@ def _grads_finite(params: set[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(g).all()) for g in grads)
 
 
-def _overflowed(names: Iterable[str]) -> list[str]:
-    """The parameters among ``names`` whose constrained value is no longer finite.
+def _overflowed(unconstrained: Mapping[str, torch.Tensor], constraints: dict[str, Any]
+                ) -> list[str]:
+    """The parameters among ``unconstrained`` (name → tensor) whose value is no longer finite.
 
     A real or softplus-positive parameter is finite exactly when its
     unconstrained tensor is, so those are checked together in one fused norm;
-    others (an ``exp`` can overflow a finite value) one by one.
+    others (an ``exp`` can overflow a finite value) one by one. ``constraints``
+    caches the store's constraints by name (filled here when a name is new).
     """
     store = pyro.get_param_store()
-    state = store.get_state()
-    names = [name for name in names if name in state["params"]]
-    direct = [name for name in names
-              if type(state["constraints"][name]) in _FINITE_WITH_UNCONSTRAINED]
+    names = [name for name in unconstrained if name in store]
+    if any(name not in constraints for name in names):
+        constraints.update(store.get_state()["constraints"])
+    direct = [name for name in names if type(constraints[name]) in _FINITE_WITH_UNCONSTRAINED]
     if direct and not bool(torch.isfinite(torch.nn.utils.get_total_norm(
-            [state["params"][name].detach() for name in direct]))):
+            [unconstrained[name].detach() for name in direct]))):
         direct = []  # something is off: check them one by one
     return [name for name in names
             if name not in direct and not bool(torch.isfinite(store[name]).all())]
+
+
+def _clear_grads(params: Iterable[torch.Tensor]) -> None:
+    """Drop the gradients (``None``, as ``torch.optim`` does: no zero-filled copies)."""
+    for param in params:
+        param.grad = None
 
 
 def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
@@ -232,6 +239,7 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
                 "rng": pyro.util.get_rng_state(), **ranks})
         distributed.barrier()
 
+    constraints: dict[str, Any] = {}  # of the parameters, by name: fixed during a fit
     bar = tqdm(total=num_steps, initial=start, desc=description,
                disable=not progress or distributed.rank() != 0, mininterval=0.5, leave=False)
     try:
@@ -239,17 +247,21 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
             if temperature is not None:
                 for part in structure_guides(guide):
                     part.temperature = float(temperature(step))
-            with poutine.trace(param_only=True) as capture:
+            if isinstance(elbo, NetworkELBO):  # reads the store itself and names what it read
                 loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
-            params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+                unconstrained = elbo.parameters_read()
+            else:
+                with poutine.trace(param_only=True) as capture:
+                    loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
+                unconstrained = {name: site["value"].unconstrained()
+                                 for name, site in capture.trace.nodes.items()}
+            params = set(unconstrained.values())
             if sharded:  # mean over the ranks; a non-finite value on one rank reaches all
-                loss = distributed.all_reduce_gradients(
-                    {name: site["value"].unconstrained()
-                     for name, site in capture.trace.nodes.items()}, loss)
+                loss = distributed.all_reduce_gradients(unconstrained, loss)
             if not math.isfinite(loss) or not _grads_finite(params):
-                bad_grads = [name for name, site in capture.trace.nodes.items()
-                             if not _grads_finite({site["value"].unconstrained()})]
-                zero_grads(params)
+                bad_grads = [name for name, tensor in unconstrained.items()
+                             if not _grads_finite({tensor})]
+                _clear_grads(params)
                 what = "loss" if not math.isfinite(loss) else "gradient"
                 raise NonFiniteLossError(
                     f"The {what} became non-finite at step {step} (loss={loss}): "
@@ -259,9 +271,9 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
                     + (f"; the checkpoint {os.fspath(checkpoint)!r} keeps the last good state."
                        if checkpoint is not None else "."))
             optim(params)
-            zero_grads(params)
+            _clear_grads(params)
             # a finite gradient can still overflow a parameter
-            overflowed = _overflowed(capture.trace.nodes)
+            overflowed = _overflowed(unconstrained, constraints)
             if overflowed:
                 raise NonFiniteLossError(
                     f"The update of step {step} (loss={loss}) made the parameters {overflowed} "
