@@ -56,7 +56,7 @@ def child(method: str, steps: int, learning_rate: float = LR) -> dict[str, Any]:
     import torch
 
     import pyro_structsel as ps
-    from pyro_structsel import hyperopt
+    from pyro_structsel import hypergradients, hyperopt
     from pyro_structsel.reversible import rmad
 
     torch.set_default_dtype(torch.float64)
@@ -80,7 +80,7 @@ def child(method: str, steps: int, learning_rate: float = LR) -> dict[str, Any]:
     torch.autograd.grad(problem.loss(point, hyper, 0), point)
     baseline = _maxrss_mib()
     start = time.perf_counter()
-    function = hyperopt.unrolled if method == "unrolled" else rmad
+    function = hypergradients.unrolled if method == "unrolled" else rmad
     result = function(problem.loss, problem.objective, theta0, hyper, lr, momentum)
     seconds = time.perf_counter() - start
     peak = _maxrss_mib()

@@ -40,11 +40,8 @@ from .family import (
 )
 from .ggn import ggn_laplace
 from .guides import AutoMeanFieldNormal, AutoStructure, default_guide
-from .hyperopt import (
-    HypergradientWarning,
-    HyperparameterResult,
-    optimize_hyperparameters,
-)
+from .hypergradients import HypergradientWarning
+from .hyperopt import HyperparameterResult, optimize_hyperparameters
 from .laplace import LaplaceWarning, laplace
 from .network import NetworkModel
 from .plots import (

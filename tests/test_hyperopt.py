@@ -15,7 +15,7 @@ import torch
 from pyro.distributions import constraints
 
 import pyro_structsel as ps
-from pyro_structsel import hyperopt
+from pyro_structsel import hypergradients, hyperopt
 from pyro_structsel.reversible import rmad, sgd_momentum
 
 
@@ -69,7 +69,7 @@ def test_unrolled_matches_finite_differences():
     hyper = torch.tensor([0.3, -0.2, 0.1, 0.5], dtype=torch.float64)  # log prior precisions
     lr = torch.linspace(0.2, 0.1, steps, dtype=torch.float64)
     momentum = torch.linspace(0.5, 0.8, steps, dtype=torch.float64)
-    result = hyperopt.unrolled(loss, objective, theta0, hyper, lr, momentum)
+    result = hypergradients.unrolled(loss, objective, theta0, hyper, lr, momentum)
 
     def q(theta0=theta0, hyper=hyper, lr=lr, momentum=momentum):
         return objective(sgd_momentum(loss, theta0, hyper, lr, momentum), hyper)
@@ -82,11 +82,11 @@ def test_unrolled_matches_finite_differences():
             ("theta0", result.theta0, _central_difference(lambda x: q(theta0=x), theta0))):
         assert _relative_error(value, fd) < 1e-4, name
     with pytest.raises(ValueError, match="lr"):
-        hyperopt.unrolled(loss, objective, theta0, hyper, lr[:0], momentum[:0])
+        hypergradients.unrolled(loss, objective, theta0, hyper, lr[:0], momentum[:0])
     with pytest.raises(ValueError, match="momentum"):
-        hyperopt.unrolled(loss, objective, theta0, hyper, lr, momentum + 1)
+        hypergradients.unrolled(loss, objective, theta0, hyper, lr, momentum + 1)
     with pytest.raises(ValueError, match="theta0"):
-        hyperopt.unrolled(loss, objective, theta0.reshape(2, 2), hyper, lr, momentum)
+        hypergradients.unrolled(loss, objective, theta0.reshape(2, 2), hyper, lr, momentum)
 
 
 # ------------------------------------------------------------------------ greedy
@@ -98,8 +98,8 @@ def test_greedy_one_step_is_unrolled_and_updates_online():
                                                                            dtype=torch.float64)
     theta_t = sgd_momentum(loss, torch.zeros(4, dtype=torch.float64), hyper, lr, momentum)
     for start in (torch.zeros(4, dtype=torch.float64), theta_t):
-        one = hyperopt.greedy(loss, objective, start, hyper, lr[:1], momentum[:1])
-        ref = hyperopt.unrolled(loss, objective, start, hyper, lr[:1], momentum[:1])
+        one = hypergradients.greedy(loss, objective, start, hyper, lr[:1], momentum[:1])
+        ref = hypergradients.unrolled(loss, objective, start, hyper, lr[:1], momentum[:1])
         for field in ("hyper", "lr", "momentum", "theta0", "theta"):
             assert torch.equal(getattr(one, field), getattr(ref, field)), field
         assert one.objective == ref.objective
@@ -111,7 +111,7 @@ def test_greedy_one_step_is_unrolled_and_updates_online():
         seen.append((step, h.clone(), g.clone()))
         return h - 0.5 * g
 
-    run = hyperopt.greedy(loss, objective, torch.zeros(4, dtype=torch.float64), hyper, lr,
+    run = hypergradients.greedy(loss, objective, torch.zeros(4, dtype=torch.float64), hyper, lr,
                           momentum, update=update)
     trajectory = run.diagnostics["hyper_trajectory"]
     assert [s for s, _, _ in seen] == list(range(7))
@@ -119,7 +119,7 @@ def test_greedy_one_step_is_unrolled_and_updates_online():
         assert torch.equal(trajectory[step], h)
         assert torch.equal(trajectory[step + 1], h - 0.5 * g)
     assert not torch.equal(trajectory[0], trajectory[-1])
-    plain = hyperopt.greedy(loss, objective, torch.zeros(4, dtype=torch.float64), hyper, lr,
+    plain = hypergradients.greedy(loss, objective, torch.zeros(4, dtype=torch.float64), hyper, lr,
                             momentum, hyper_lr=0.5)
     assert torch.equal(plain.diagnostics["hyper"], run.diagnostics["hyper"])
 
@@ -153,7 +153,7 @@ def test_implicit_cg_and_neumann_equal_dense_solve():
     steps = 400
     lr = torch.full((steps,), 0.3, dtype=torch.float64)
     momentum = torch.full((steps,), 0.5, dtype=torch.float64)
-    cg = hyperopt.implicit(loss, objective, torch.zeros(5, dtype=torch.float64), hyper, lr,
+    cg = hypergradients.implicit(loss, objective, torch.zeros(5, dtype=torch.float64), hyper, lr,
                            momentum)
     theta = cg.theta
     # dense: dQ/dh = ∂hQ − (∂²L/∂h∂θ) H⁻¹ ∂θQ with autograd Jacobians and a dense solve
@@ -167,19 +167,19 @@ def test_implicit_cg_and_neumann_equal_dense_solve():
     assert _relative_error(cg.hyper, dense) < 1e-6
     assert cg.diagnostics["converged"] and cg.diagnostics["grad_norm"] < 1e-10
     top = float(torch.linalg.eigvalsh(hessian).max())
-    neumann = hyperopt.implicit(loss, objective, torch.zeros(5, dtype=torch.float64), hyper, lr,
+    neumann = hypergradients.implicit(loss, objective, torch.zeros(5, dtype=torch.float64), hyper, lr,
                                 momentum, solver="neumann", neumann_step_size=1 / top,
                                 neumann_terms=600)
     assert _relative_error(neumann.hyper, dense) < 1e-6
-    short = hyperopt.implicit(loss, objective, torch.zeros(5, dtype=torch.float64), hyper, lr,
+    short = hypergradients.implicit(loss, objective, torch.zeros(5, dtype=torch.float64), hyper, lr,
                               momentum, solver="neumann", neumann_step_size=1 / top,
                               neumann_terms=2)
     assert _relative_error(short.hyper, dense) > 1e-3  # truncation shows at low order
     with pytest.raises(ValueError, match="solver"):
-        hyperopt.implicit(loss, objective, torch.zeros(5, dtype=torch.float64), hyper, lr,
+        hypergradients.implicit(loss, objective, torch.zeros(5, dtype=torch.float64), hyper, lr,
                           momentum, solver="lu")
-    with pytest.warns(hyperopt.HypergradientWarning, match="gradient norm"):
-        hyperopt.implicit(loss, objective, torch.zeros(5, dtype=torch.float64), hyper, lr[:3],
+    with pytest.warns(hypergradients.HypergradientWarning, match="gradient norm"):
+        hypergradients.implicit(loss, objective, torch.zeros(5, dtype=torch.float64), hyper, lr[:3],
                           momentum[:3])
 
 
@@ -190,12 +190,12 @@ def test_implicit_agrees_with_closed_form_and_unrolled_limit():
     lr = torch.full((steps,), 0.3, dtype=torch.float64)
     momentum = torch.full((steps,), 0.5, dtype=torch.float64)
     theta0 = torch.zeros(5, dtype=torch.float64)
-    result = hyperopt.implicit(loss, objective, theta0, hyper, lr, momentum)
+    result = hypergradients.implicit(loss, objective, theta0, hyper, lr, momentum)
     closed = _central_difference(lambda h: objective(theta_star(h), h), hyper)
     assert _relative_error(result.hyper, closed) < 1e-6
-    long_run = hyperopt.unrolled(loss, objective, theta0, hyper, lr, momentum)
+    long_run = hypergradients.unrolled(loss, objective, theta0, hyper, lr, momentum)
     assert _relative_error(long_run.hyper, result.hyper) < 1e-6  # η = 300: converged
-    short_run = hyperopt.unrolled(loss, objective, theta0, hyper, lr[:5], momentum[:5])
+    short_run = hypergradients.unrolled(loss, objective, theta0, hyper, lr[:5], momentum[:5])
     assert _relative_error(short_run.hyper, result.hyper) > 1e-2  # η = 5: far from it
 
 
@@ -225,7 +225,7 @@ def test_joint_blr_reaches_the_evidence_maximiser():
 
     steps = 400
     theta0 = torch.zeros(num_features + num_features ** 2, dtype=torch.float64)
-    result = hyperopt.joint(negative_elbo, theta0, torch.zeros(1, dtype=torch.float64),
+    result = hypergradients.joint(negative_elbo, theta0, torch.zeros(1, dtype=torch.float64),
                             torch.full((steps,), 0.1, dtype=torch.float64),
                             torch.full((steps,), 0.8, dtype=torch.float64), hyper_lr=0.05)
     alpha_joint = float(result.diagnostics["hyper"].exp())
@@ -256,7 +256,7 @@ def _blr_model(x, y=None):
         return pyro.sample("y", dist.Normal(x @ w, 0.5), obs=y)
 
 
-def _bridged_fd_check(problem, hyper, lr, momentum, method=hyperopt.unrolled, tol=1e-4):
+def _bridged_fd_check(problem, hyper, lr, momentum, method=hypergradients.unrolled, tol=1e-4):
     result = method(problem.loss, problem.objective, problem.theta0, hyper, lr, momentum)
 
     def q(h=hyper, a=lr):
