@@ -84,7 +84,13 @@ def launch(world: int, threads: int, batch: int, steps: int, warmup: int, fast: 
              str(batch), "--steps", str(steps), "--warmup", str(warmup), "--out", str(out),
              "--hidden", str(hidden), "--replicate", str(replicate)]
             + (["--fast"] if fast else []), env=env) for rank in range(max(world, 1))]
-        codes = [proc.wait() for proc in procs]
+        try:
+            codes = [proc.wait(timeout=600) for proc in procs]
+        finally:  # a rank that crashed leaves the others waiting in gloo: end them
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
         if codes != [0] * len(procs):
             raise RuntimeError(f"a worker failed: exit codes {codes}")
         result = json.loads(out.read_text())

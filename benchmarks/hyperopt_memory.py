@@ -139,10 +139,11 @@ def main() -> None:
         diff = sum((a - b) ** 2 for a, b in zip(gu, gr)) ** 0.5
         norm = sum(a ** 2 for a in gu) ** 0.5
         report["comparison"].append({
-            "eta": steps, "rmad_extra_over_unrolled_extra": r["extra_mib"] / u["extra_mib"],
+            "eta": steps,
+            "rmad_extra_over_unrolled_extra": r["extra_mib"] / max(u["extra_mib"], 1e-9),
             "unrolled_extra_mib": u["extra_mib"], "rmad_extra_mib": r["extra_mib"],
             "rmad_over_unrolled_seconds": r["seconds"] / u["seconds"],
-            "hypergradient_relative_difference": diff / norm,
+            "hypergradient_relative_difference": diff / max(norm, 1e-300),
             "objective_difference": r["objective"] - u["objective"],
             "rmad_reconstruction_exact": r["reconstruction_exact"],
             "rmad_buffer_mib": r["buffer_mib"],

@@ -27,9 +27,10 @@ batch, for unequal shards too. Its gradient is the mean of the ranks'
 gradients, which :func:`all_reduce_gradients` computes (one flat buffer,
 parameters sorted by name, since Pyro hands the optimiser a ``set`` whose
 order differs between processes). Particle noise is independent across
-ranks (:func:`seed_ranks`), so :math:`R` ranks with one particle each
-estimate the gradient about as well as one process with :math:`R`
-particles on the full data, at :math:`1/R` of the likelihood cost per rank.
+ranks (:func:`seed_ranks`): the likelihood of each shard sees one particle,
+so the gradient's variance lies between that of one process with :math:`R`
+particles on the full data and :math:`R` times it, at :math:`1/R` of the
+likelihood cost per rank.
 
 Only a data-parallel fit shards: :func:`~pyro_structsel.select_structure`
 (``distributed=None`` or ``True`` under a process group) runs its fit
@@ -111,8 +112,9 @@ def init_distributed(backend: str | None = None, init_method: str | None = None,
     Parameters
     ----------
     backend : str, optional
-        ``"gloo"`` or ``"nccl"``; default NCCL when CUDA is available (and
-        then the CUDA device ``LOCAL_RANK`` is made current), gloo otherwise.
+        ``"gloo"`` or ``"nccl"``; default NCCL when there is a CUDA device for
+        every process of the node (and then the CUDA device ``LOCAL_RANK`` is
+        made current), gloo otherwise.
     init_method : str, optional
         Rendezvous URL; default ``"env://"`` (``MASTER_ADDR`` and
         ``MASTER_PORT``, as ``torchrun`` sets them). The rank and the world
@@ -143,8 +145,10 @@ def init_distributed(backend: str | None = None, init_method: str | None = None,
             f"{', '.join(missing)}: launch the script with `torchrun --nproc_per_node=R "
             "script.py`, call torch.distributed.init_process_group() first, or pass "
             "distributed=False.")
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend is None:  # NCCL needs a GPU per process on this node
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        backend = ("nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= per_node
+                   else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
@@ -309,6 +313,11 @@ def data_plate(name: str, size: int, subsample_size: int | None = None,
     ...     with ps.data_plate("data", len(x)) as idx:
     ...         pyro.sample("y", dist.Normal(x[idx] @ w, 1.0), obs=y[idx])
     """
+    if subsample_size is not None and (isinstance(subsample_size, bool)
+                                       or not isinstance(subsample_size, int)
+                                       or subsample_size < 1):
+        raise ValueError(f"Expected subsample_size of plate {name!r} to be a positive int or "
+                         f"None, but got {subsample_size!r}.")
     if not is_distributed():  # a minibatch of the whole plate or more is the whole plate
         whole = subsample_size is not None and isinstance(size, int) and subsample_size >= size
         return pyro.plate(name, size, None if whole else subsample_size, dim=dim,
@@ -425,10 +434,26 @@ def all_reduce_mean(value: float) -> float:
     return float(buffer[0]) / tdist.get_world_size()
 
 
-def barrier() -> None:
-    """Wait until every rank gets here (no-op when not distributed)."""
+def raise_if_any_failed(error: BaseException | None, where: str) -> None:
+    """Collective: raise on every rank if ``error`` is set on any rank.
+
+    Each rank passes the exception it caught (or ``None``); the failing rank
+    re-raises its own, the others a ``RuntimeError`` naming it, so no rank is
+    left waiting in a collective for one that stopped. Outside a
+    data-parallel fit it just re-raises ``error``.
+    """
     if is_distributed():
-        tdist.barrier()
+        flag = torch.tensor([0.0 if error is None else float(tdist.get_rank() + 1)],
+                            device=_comm_device())
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        failed = int(flag.item()) - 1
+    else:
+        failed = -1 if error is None else 0
+    if error is not None:
+        raise error
+    if failed >= 0:
+        raise RuntimeError(f"Rank {failed} failed {where}; this rank stops too (the error is "
+                           f"in rank {failed}'s output).")
 
 
 def shared_seed() -> int:

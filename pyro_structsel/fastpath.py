@@ -173,6 +173,8 @@ def _describe(model: NetworkModel, guide: AutoGuideList
             raise _Unsupported(f"the guide's parameter {param!r} is not in the store")
         gammas.append(_GammaSite(site, f"{path}.gamma" if path else "gamma", param,
                                  structure_part, prior, log_space))
+    if getattr(net, "_learned", None):  # the prior of gamma above is built once, fixed
+        raise _Unsupported(f"the structural prior's {net._learned} are learnable parameters")
     scale_name = None
     if "prior_scale" in net._pyro_params:
         scale_name = net._pyro_get_fullname("prior_scale")
@@ -196,7 +198,8 @@ class _LocalReparamLinear(nn.Module):
         mean = F.linear(x, self.weight, self.bias)
         var = F.linear(x * x, self.weight_scale * self.weight_scale,
                        None if self.bias_scale is None else self.bias_scale * self.bias_scale)
-        return mean + var.sqrt() * torch.randn_like(mean)
+        # clamped: a bias-free layer on an all-zero row has var = 0, where sqrt' is infinite
+        return mean + var.clamp_min(torch.finfo(var.dtype).tiny).sqrt() * torch.randn_like(mean)
 
 
 def _local_reparam_network(network: nn.Module, keys: list[str]) -> nn.Module | None:
@@ -282,6 +285,8 @@ class NetworkELBO(pyro.infer.ELBO):
         self._num_weights = sum(self._sizes)
         self._site_group = torch.tensor([w.group for w in self._weights], dtype=torch.long)
         self._read: dict[str, torch.Tensor] = {}
+        first = pyro.get_param_store()[self._weights[0].loc].detach()
+        self._like = {"device": first.device, "dtype": first.dtype}  # of the noise
 
     def _param(self, name: str) -> torch.Tensor:
         """The constrained value of a parameter, read from the store (no effect handlers)."""
@@ -336,7 +341,7 @@ class NetworkELBO(pyro.infer.ELBO):
         if self.local_reparam:
             return torch.zeros(0)
         lead = (self.num_particles,) if self.num_particles > 1 else ()
-        return torch.randn(lead + (self._num_weights,))
+        return torch.randn(lead + (self._num_weights,), **self._like)
 
     def flat_noise(self, noise: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Flatten per-parameter noise (parameter path → tensor) as :meth:`draw_noise` does."""
@@ -357,12 +362,13 @@ class NetworkELBO(pyro.infer.ELBO):
         minibatch log-likelihood (default :math:`N / |B|`; see
         :func:`~pyro_structsel.distributed.data_rows`).
         """
+        self._read.clear()
         scales = (self._param(self._scale_name) if self._scale_name is not None
                   else self._net._buffers["prior_scale"])
         particles = self.num_particles
         lead = (particles,) if particles > 1 else ()
         values: dict[str, torch.Tensor] = {}
-        elbo = torch.zeros(lead)
+        elbo = torch.zeros(lead, **self._like)
         # one flat vector for all weights: a handful of kernels instead of a few per tensor
         locs = [self._param(w.loc) for w in self._weights]
         sigmas = [self._param(w.scale) for w in self._weights]

@@ -84,7 +84,7 @@ class AutoStructure(AutoGuide):
             else:
                 init = torch.zeros(shape, dtype=base.logits.dtype)
                 deep_setattr(self.logits, name, PyroParam(init, constraints.real, event_dim=1))
-                self._prior_temperature[name] = float(base.temperature)
+                self._prior_temperature[name] = float(base.temperature.detach())
 
     def posterior(self, name: str) -> dist.TorchDistribution:
         r""":math:`q(\gamma)` of site ``name`` as a distribution over the site's value."""

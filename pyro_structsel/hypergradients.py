@@ -328,9 +328,11 @@ def implicit(loss: Loss, objective: Objective, theta0: torch.Tensor, hyper: torc
     (Lorraine et al. 2020), all evaluated at step index :math:`\eta`. The
     inverse-Hessian-vector product comes from :func:`conjugate_gradient`
     (``solver="cg"``, default) or :func:`neumann_series` (``solver="neumann"``,
-    step size ``neumann_step_size``, default the last learning rate
-    :math:`\alpha_{\eta-1}` as in Lorraine et al., and ``neumann_terms``
-    terms); both need only Hessian-vector products. The memory is
+    step size ``neumann_step_size``, default
+    :math:`\alpha_{\eta-1}(1-\gamma_{\eta-1})/(1+\gamma_{\eta-1})`, below
+    :math:`2/\lambda_{\max}` whenever the inner run is stable (Lorraine et
+    al. use the learning rate of plain SGD), and ``neumann_terms`` terms; a
+    diverging series warns); both need only Hessian-vector products. The memory is
     :math:`O(|\theta|)` whatever :math:`\eta`; the answer is the limit
     :math:`\eta \to \infty` of :func:`unrolled` for a strongly convex :math:`L`.
 
@@ -365,8 +367,12 @@ def implicit(loss: Loss, objective: Objective, theta0: torch.Tensor, hyper: torc
                 or neumann_terms < 0:
             raise ValueError(f"Expected neumann_terms to be an int >= 0, but got "
                              f"{neumann_terms!r}.")
-        step_size = float(lr[-1]) if neumann_step_size is None else neumann_step_size
-        if not (isinstance(step_size, (int, float)) and step_size > 0):
+        # the inner run is stable for alpha (1 - gamma) lambda < 2 (1 + gamma), so this beta
+        # keeps beta lambda < 2, the series' condition, whenever the run converged
+        step_size = (float(lr[-1] * (1 - momentum[-1]) / (1 + momentum[-1]))
+                     if neumann_step_size is None else neumann_step_size)
+        if not (isinstance(step_size, (int, float)) and not isinstance(step_size, bool)
+                and math.isfinite(step_size) and step_size > 0):
             raise ValueError(f"Expected neumann_step_size > 0, but got {neumann_step_size!r}.")
     start = time.perf_counter()
     steps = lr.numel()
@@ -392,6 +398,12 @@ def implicit(loss: Loss, objective: Objective, theta0: torch.Tensor, hyper: torc
         else:
             w, info = neumann_series(hvp, dq_theta, step_size=step_size,
                                      num_terms=neumann_terms)
+            if not info["last_term_norm"] <= float(dq_theta.norm()):  # growing: diverges
+                warnings.warn(f"The Neumann series diverges (its last term has norm "
+                              f"{info['last_term_norm']:.3g} > {float(dq_theta.norm()):.3g}): "
+                              "the step size is above 2 / lambda_max of the Hessian; lower "
+                              "neumann_step_size or use solver='cg'.", HypergradientWarning,
+                              stacklevel=2)
         (mixed,) = _grad(g, [hyper_], grad_outputs=w)
     return Hypergradient(objective=value.item(), theta=theta_star, hyper=dq_hyper - mixed,
                          lr=torch.zeros_like(lr), momentum=torch.zeros_like(momentum),

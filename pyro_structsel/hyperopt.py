@@ -41,12 +41,14 @@ of continuous regularization hyperparameters. ICML 2016 (the greedy method).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyro
 import pyro.distributions as dist
@@ -54,6 +56,7 @@ import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 from pyro.params import user_param_name
+from pyro.poutine.util import site_is_subsample
 from torch.distributions import transform_to
 from tqdm.auto import tqdm
 
@@ -101,6 +104,15 @@ def _layout(names: Sequence[str], unconstrained: Mapping[str, torch.Tensor],
         blocks.append(_Block(name, shape, constraints_[name], start))
         start += math.prod(shape)
     return blocks
+
+
+def _stream_seed(seed: int, *stream: int) -> int:
+    """A torch seed for ``stream`` (loss at step t, objective, ...) of the run seeded ``seed``.
+
+    Hashed (``numpy.random.SeedSequence``), so runs with nearby seeds share no noise
+    (``seed + step`` would give run ``s`` at step ``t`` the noise of run ``s + 1`` at ``t - 1``).
+    """
+    return int(np.random.SeedSequence([seed, *stream]).generate_state(1, np.uint64)[0] >> 1)
 
 
 @contextmanager
@@ -214,12 +226,12 @@ class HyperparameterProblem:
 
     def loss(self, theta: torch.Tensor, hyper: torch.Tensor, step: int) -> torch.Tensor:
         """:math:`L(\\theta, h, t) = -\\mathrm{ELBO}`, noise seeded from ``(seed, step)``."""
-        return self.negative_elbo(theta, hyper, self.seed + int(step))
+        return self.negative_elbo(theta, hyper, _stream_seed(self.seed, 0, int(step)))
 
     def objective(self, theta: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
         """:math:`Q(\\theta, h)`: negative ELBO or held-out negative log predictive density."""
         if self.validation is None:
-            return self.negative_elbo(theta, hyper, self.seed + 2 ** 40, objective=True)
+            return self.negative_elbo(theta, hyper, _stream_seed(self.seed, 1), objective=True)
         return self.negative_log_predictive(theta, hyper)
 
     def negative_log_predictive(self, theta: torch.Tensor, hyper: torch.Tensor
@@ -235,7 +247,7 @@ class HyperparameterProblem:
         val_args, val_kwargs = self.validation
         model, guide = self._handlers(theta, hyper)
         per_draw = []
-        with self.scope(), _seeded(self.seed + 2 ** 41, theta.device):
+        with self.scope(), _seeded(_stream_seed(self.seed, 2), theta.device):
             for _ in range(self.num_objective_samples):
                 guide_trace = poutine.trace(guide).get_trace(*self.args, **self.kwargs)
                 model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
@@ -421,15 +433,25 @@ def hyperparameter_problem(model: Callable[..., Any], *args: Any,
     if unused:
         raise ValueError(f"The ELBO does not depend on hyperparameter(s) {unused}; pass model "
                          f"parameters that it depends on (it depends on {sorted(used)}).")
-    not_reparameterised = [name for name, site in guide_trace.nodes.items()
-                           if site["type"] == "sample" and not site["is_observed"]
-                           and not site["fn"].has_rsample]
+    latents = {name: site for name, site in guide_trace.nodes.items()
+               if site["type"] == "sample" and not site["is_observed"]
+               and not site_is_subsample(site)}  # a plate's own site is no latent
+    not_reparameterised = [name for name, site in latents.items() if not site["fn"].has_rsample]
     if not_reparameterised:
         raise ValueError(f"The guide samples {not_reparameterised} without reparameterisation; "
                          "hypergradients need a fully reparameterised guide.")
+    if validation is not None:  # a latent per observation has no value on held-out rows
+        data_plates = {frame.name for site in trace.nodes.values()
+                       if site["type"] == "sample" and site["is_observed"]
+                       for frame in site["cond_indep_stack"]}
+        local = [name for name, site in latents.items()
+                 if any(frame.name in data_plates for frame in site["cond_indep_stack"])]
+        if local:
+            raise ValueError(f"criterion='validation' needs global latent variables only, but "
+                             f"the guide samples {local} per observation (inside a data "
+                             "plate); use criterion='evidence' for this model.")
     second_order = not any(isinstance(_base_distribution(site["fn"]), _ONCE_DIFFERENTIABLE)
-                           for site in guide_trace.nodes.values()
-                           if site["type"] == "sample" and not site["is_observed"])
+                           for site in latents.values())
     unconstrained = {name: value.detach() for name, value in state["params"].items()}
     theta_names = [n for n in unconstrained if n not in names and n in used]
     if not theta_names:
@@ -460,7 +482,9 @@ class HyperparameterResult:
     method, criterion : str
         As passed.
     names : list of str
-        The hyperparameters, in the order of the unconstrained vector.
+        The hyperparameters in the order of the unconstrained vector (the
+        columns of ``hypergradients`` and ``unconstrained``): the model's, then
+        ``"lr"``, then ``"momentum"``.
     hyperparameters : dict
         Name → final value (constrained: positive scales, the learning rate or
         its schedule, ...).
@@ -588,6 +612,22 @@ class _Part:
         return u[self.start:self.start + self.size]
 
 
+def _method_options(method: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Check ``method_options`` against the keyword-only arguments of the method function."""
+    from . import reversible
+
+    options = dict(options or {})
+    function = {"unrolled": unrolled, "rmad": reversible.rmad, "implicit": implicit}.get(method)
+    allowed = [] if function is None else [
+        name for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"method_options {unknown} are not options of method={method!r}; it "
+                         f"takes {allowed or 'none'}.")
+    return options
+
+
 def optimize_hyperparameters(
     model: Callable[..., Any],
     *args: Any,
@@ -656,7 +696,9 @@ def optimize_hyperparameters(
         density of validation data (see :func:`hyperparameter_problem`).
     validation : tuple or int, optional
         Validation arguments (hold-out), or K for K folds (:math:`Q` = mean over
-        folds, one inner run per fold).
+        folds, one inner run per fold). With ``"greedy"`` the folds run one
+        after the other, each moving :math:`h` online, and the recorded
+        hypergradient is the last fold's.
     method : {"unrolled", "rmad", "greedy", "implicit", "joint"}
         Hypergradient method.
     num_outer_steps, num_inner_steps : int
@@ -676,7 +718,11 @@ def optimize_hyperparameters(
     vectorize_particles : bool
         Vectorise the particles of the ELBOs.
     method_options : dict, optional
-        Keyword arguments of the method function.
+        Keyword-only arguments of the method function (``"unrolled"``: none;
+        ``"rmad"``: ``fraction_bits``, ``momentum_bits``; ``"implicit"``: ``solver``,
+        ``tol``, ``max_iter``, ``neumann_step_size``, ``neumann_terms``,
+        ``grad_tol``); ``greedy`` and ``joint`` take none here (Adam with
+        ``outer_lr`` updates :math:`h`).
     seed : int, optional
         Base seed of the Monte Carlo noise (and of the folds); ``None`` draws one
         from torch's RNG.
@@ -731,7 +777,7 @@ def optimize_hyperparameters(
         raise ValueError(f"method={method!r} cannot tune {tuned}: the inner optimum does not "
                          "depend on them (implicit, joint) or a one-step look-ahead sees only "
                          "their short-horizon effect (greedy); use method='unrolled' or 'rmad'.")
-    options = dict(method_options or {})
+    options = _method_options(method, method_options)
     alpha = _schedule(lr, num_inner_steps, "lr")
     gamma = _schedule(momentum, num_inner_steps, "momentum")
     check_schedules(alpha, gamma)
@@ -766,8 +812,6 @@ def optimize_hyperparameters(
             parts.append(_Part(name, start, learn.numel(), name))
             pieces.append(forward(learn))
             start += learn.numel()
-    order = {name: i for i, name in enumerate(hyperparameters)}
-    parts.sort(key=lambda part: order[part.name])
     u = torch.cat(pieces).detach().clone().requires_grad_(True)
     hyper_size = full.hyper0.numel()
 
@@ -810,7 +854,7 @@ def optimize_hyperparameters(
                disable=not progress, leave=False)
     theta = full.theta0.clone()
     try:
-        for _ in bar:
+        for outer in bar:
             h, a, g = unpack(u.detach())
             if method == "joint":
                 def online(step: int, hh: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -819,7 +863,11 @@ def optimize_hyperparameters(
 
                 with torch.no_grad():  # Q where the block starts: this h and the current theta
                     q = float(full.objective(theta, h))
-                result = joint(full.loss, theta, h, a, g, update=online)
+                def block_loss(th: torch.Tensor, hh: torch.Tensor, step: int,
+                               offset: int = outer * num_inner_steps) -> torch.Tensor:
+                    return full.loss(th, hh, offset + step)  # fresh noise in every block
+
+                result = joint(block_loss, theta, h, a, g, update=online)
                 theta = result.theta
                 grad_u = result.hyper
                 info = [result.diagnostics]
@@ -867,7 +915,7 @@ def optimize_hyperparameters(
         else:
             objective.append(float(full.objective(theta, h)))
     return HyperparameterResult(
-        method=method, criterion=criterion, names=list(hyperparameters), values=values,
+        method=method, criterion=criterion, names=[part.name for part in parts], values=values,
         objective=objective, hypergradients=grads, unconstrained=path, theta=theta.detach(),
         param_state=full.state(theta.detach(), h), model=model, guide=full.guide, args=args,
         kwargs=dict(kwargs), diagnostics=diagnostics)

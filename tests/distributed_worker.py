@@ -124,6 +124,30 @@ def fast_loss(sharded: bool) -> tuple[float, float]:
         return distributed.all_reduce_mean(loss), full
 
 
+def minibatch_rows() -> dict[str, Any]:
+    """This rank's minibatch of 16 of 255 rows and its weight, inside a data-parallel fit."""
+    with use_distributed(True):
+        shard, _ = distributed.data_rows(255)
+        rows, scale = distributed.data_rows(255, 16)
+    return {"shard": shard, "rows": rows, "scale": scale}
+
+
+def failing_callback() -> str:
+    """select_structure whose callback raises on rank 1 only, at step 3: how each rank ends."""
+    model, x, y = teacher()
+
+    def callback(step: int, loss: float) -> None:
+        if step == 3 and tdist.get_rank() == 1:
+            raise KeyError("boom on rank 1")
+
+    try:
+        ps.select_structure(model, x, y, num_steps=20, seed=3, progress=False,
+                            callback=callback)
+    except Exception as error:  # noqa: BLE001 -- the test reads what each rank raised
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
 def main(job: str, rank: int, world_size: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     pyro.enable_validation(True)
@@ -134,6 +158,8 @@ def main(job: str, rank: int, world_size: int, init_file: str, out: str) -> None
         if job == "fit":
             results["exact"] = exact_fit(True)
             results["fast_loss"] = fast_loss(True)
+            results["minibatch"] = minibatch_rows()
+            results["failure"] = failing_callback()
             results["select"] = select(str(Path(out) / "full.ckpt"))
             try:
                 select(str(Path(out) / "stopped.ckpt"), stop_at=STOP_AT)

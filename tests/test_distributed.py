@@ -23,6 +23,7 @@ to the shard) would move the mean loss by about 110 nats.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import shutil
 import subprocess
@@ -93,7 +94,22 @@ def test_fast_path_on_two_ranks_averages_to_the_full_data_loss(runs):
     for rank, result in enumerate(runs["fit"]):  # float32, summed in another order
         sharded, full = result["fast_loss"]
         assert abs(sharded - full) <= 1e-5 * abs(full), rank
-    assert worker.fast_loss(False)[0] == worker.fast_loss(False)[1]  # no group: no shards
+
+
+def test_minibatch_rows_come_from_the_shard_and_weigh_the_whole_shard(runs):
+    for rank, result in enumerate(runs["fit"]):
+        batch = result["minibatch"]
+        assert len(batch["rows"]) == 16 and set(batch["rows"].tolist()) <= set(
+            batch["shard"].tolist()), rank
+        assert batch["shard"].tolist() == list(range(rank, 255, WORLD_SIZE))
+        # R |S_r| / |B_r| per row: the ranks' mean is an unbiased full-data sum
+        assert batch["scale"] * 16 == pytest.approx(WORLD_SIZE * len(batch["shard"]))
+
+
+def test_an_error_on_one_rank_stops_every_rank(runs):
+    failing, other = runs["fit"][1]["failure"], runs["fit"][0]["failure"]
+    assert failing == "KeyError: 'boom on rank 1'"
+    assert other.startswith("RuntimeError: Rank 1 failed in the callback of step 3")
 
 
 def test_ranks_end_with_identical_results(runs):
@@ -156,6 +172,17 @@ def test_distributed_checkpoint_in_one_process_warns_and_keeps_parameters(runs, 
     assert result.losses == fresh["losses"]
     for name, value in fresh["params"].items():
         assert torch.equal(result.param_state["params"][name].detach(), value), name
+    stopped = tmp_path / "stopped.ckpt"  # at step 30: one process runs the other 170 steps
+    shutil.copy(runs["out"] / "stopped.ckpt", stopped)
+    with pytest.warns(ps.DistributedWarning, match="written by a run of 2 process"):
+        resumed = ps.select_structure(model, x, y, num_steps=worker.SELECT_STEPS, lr=0.05,
+                                      seed=3, progress=False, checkpoint=stopped,
+                                      num_evidence_samples=10)
+    last = (worker.STOP_AT // worker.CHECKPOINT_EVERY) * worker.CHECKPOINT_EVERY
+    assert resumed.losses[:last] == fresh["losses"][:last]
+    assert len(resumed.losses) == worker.SELECT_STEPS
+    assert all(math.isfinite(loss) for loss in resumed.losses[last:])
+    assert resumed.structure == fresh["structure"]
 
 
 # ----------------------------------------------------------------------------- one process

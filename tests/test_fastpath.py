@@ -17,7 +17,6 @@ from pyro import poutine
 from pyro.infer.autoguide import AutoGuideList, AutoNormal
 
 import pyro_structsel as ps
-from pyro_structsel import fastpath
 from pyro_structsel.fastpath import FlatAdam, NetworkELBO, fast_path_support, network_elbo
 from pyro_structsel.selection import _build_guide, _trace_for_sites
 from pyro_structsel.training import FactorisedELBO, fit
@@ -247,6 +246,15 @@ def test_falls_back_to_stock_elbo_where_not_covered(monkeypatch):
 
         assert "not a NetworkModel" in fast_path_support(
             Subclass(ps.two_hidden_layer(5, 3)), default)
+        for prior, learned in (("dirichlet", "learn_concentration"),
+                               ("concrete", "learn_temperature")):
+            # a learnable structural prior is read by the stock ELBO only: fall back
+            hyper = ps.NetworkModel(ps.two_hidden_layer(5, 3, hidden=(6, 7)), prior=prior,
+                                    **{learned: True})
+            with pyro.get_param_store().scope():
+                hyper_sites, _ = _trace_for_sites(hyper, (x, y), kwargs)
+                hyper_guide = _guide(hyper, x, y, kwargs, hyper_sites)
+                assert "learnable" in fast_path_support(hyper, hyper_guide), learned
         with pytest.raises(ValueError, match="num_particles"):
             NetworkELBO(model, default, num_particles=0)
         with pytest.raises(ValueError, match="another model"):
@@ -284,4 +292,3 @@ def test_local_reparam_needs_linear_weights():
         assert isinstance(NetworkELBO(model, guide).loss(model, guide, x, y), float)
         with pytest.raises(ValueError, match="local_reparam=False"):
             NetworkELBO(model, guide, local_reparam=True)
-    assert fastpath.FlatAdam is FlatAdam
