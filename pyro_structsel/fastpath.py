@@ -328,7 +328,9 @@ class NetworkELBO(pyro.infer.ELBO):
         return self.loss_given(x, y, idx, noise, scale=scale)
 
     def _get_trace(self, model: Any, guide: Any, args: Any, kwargs: Any) -> Any:
-        raise NotImplementedError("NetworkELBO computes the ELBO without Pyro traces.")
+        """Pyro's trace-based ELBO machinery does not apply: there are no traces here."""
+        raise TypeError("NetworkELBO computes the ELBO without Pyro traces; use "
+                        "pyro_structsel.training.FactorisedELBO for trace-based methods.")
 
     # -- the computation --------------------------------------------------------------------
     def draw_noise(self) -> torch.Tensor:
