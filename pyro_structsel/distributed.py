@@ -434,6 +434,22 @@ def all_reduce_mean(value: float) -> float:
     return float(buffer[0]) / tdist.get_world_size()
 
 
+def on_every_rank(function: Callable[[], Any], where: str) -> Any:
+    """``function()``, raising on every rank if it raised on any (see :func:`raise_if_any_failed`).
+
+    Outside a data-parallel fit it is just ``function()``.
+    """
+    if not is_distributed():
+        return function()
+    result, error = None, None
+    try:
+        result = function()
+    except Exception as caught:  # noqa: BLE001 -- raised on every rank just below
+        error = caught
+    raise_if_any_failed(error, where)
+    return result
+
+
 def raise_if_any_failed(error: BaseException | None, where: str) -> None:
     """Collective: raise on every rank if ``error`` is set on any rank.
 

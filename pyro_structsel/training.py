@@ -232,16 +232,15 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
 
     def save(step: int) -> None:
         ranks = distributed.gather_rng_states()  # every rank's RNG; {} in one process
-        error = None
-        if distributed.rank() == 0:
-            try:
+
+        def write() -> None:
+            if distributed.rank() == 0:
                 save_checkpoint(checkpoint, {  # type: ignore[arg-type]
                     "format": CHECKPOINT_FORMAT, "step": step, "losses": losses,
                     "params": pyro.get_param_store().get_state(), "optim": optim.get_state(),
                     "rng": pyro.util.get_rng_state(), **ranks})
-            except Exception as caught:  # noqa: BLE001 -- raised on every rank just below
-                error = caught
-        distributed.raise_if_any_failed(error, f"writing the checkpoint of step {step}")
+
+        distributed.on_every_rank(write, f"writing the checkpoint of step {step}")
 
     def loss_and_grads() -> tuple[float, dict[str, torch.Tensor]]:
         """One −ELBO estimate with its gradients; the parameters it read, by name."""
@@ -260,16 +259,9 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
             if temperature is not None:
                 for part in structure_guides(guide):
                     part.temperature = float(temperature(step))
-            if not sharded:
-                loss, unconstrained = loss_and_grads()
-            else:  # an exception on one rank (bad shard, model error) stops every rank
-                failure = None
-                try:
-                    loss, unconstrained = loss_and_grads()
-                except Exception as caught:  # noqa: BLE001 -- raised on every rank just below
-                    failure = caught
-                distributed.raise_if_any_failed(failure, f"at step {step}")
-                # mean over the ranks; a non-finite value on one rank reaches all
+            # an exception on one rank (bad shard, model error) stops every rank
+            loss, unconstrained = distributed.on_every_rank(loss_and_grads, f"at step {step}")
+            if sharded:  # mean over the ranks; a non-finite value on one rank reaches all
                 loss = distributed.all_reduce_gradients(unconstrained, loss)
             params = set(unconstrained.values())
             if not math.isfinite(loss) or not _grads_finite(params):
@@ -295,15 +287,9 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
                     + (f"; the checkpoint {os.fspath(checkpoint)!r} keeps the last good state."
                        if checkpoint is not None else "."))
             losses.append(float(loss))
-            if callback is not None and not sharded:
-                callback(step, float(loss))
-            elif callback is not None:
-                failure = None
-                try:
-                    callback(step, float(loss))
-                except Exception as caught:  # noqa: BLE001 -- raised on every rank just below
-                    failure = caught
-                distributed.raise_if_any_failed(failure, f"in the callback of step {step}")
+            if callback is not None:
+                distributed.on_every_rank(lambda: callback(step, float(loss)),
+                                          f"in the callback of step {step}")
             if checkpoint is not None and ((step + 1) % checkpoint_every == 0
                                            or step + 1 == num_steps):
                 save(step + 1)
