@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from .reversible import Hypergradient, check_schedules, sgd_momentum
+from .reversible import Hypergradient, _check_vector, check_schedules, sgd_momentum
 
 Loss = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -64,25 +64,14 @@ class HypergradientWarning(UserWarning):
     """A hypergradient may be inaccurate (inner run not converged, CG stopped early, ...)."""
 
 
-
-def _check_vector(value: Any, argument: str) -> torch.Tensor:
-    if not torch.is_tensor(value) or value.dim() != 1 or not value.is_floating_point():
-        shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-        raise ValueError(f"Expected {argument} to be a flat 1-D floating-point tensor, but got "
-                         f"{shape}; flatten it (e.g. torch.cat([p.reshape(-1) for p in ...])).")
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{argument} contains NaN or infinite values.")
-    return value.detach()
-
-
 def _check_problem(theta0: Any, hyper: Any, lr: Any, momentum: Any
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate the shared inputs (:func:`~pyro_structsel.reversible.check_schedules`).
 
     The schedules are cast to the dtype of ``theta0``.
     """
-    theta0 = _check_vector(theta0, "theta0")
-    hyper = _check_vector(hyper, "hyper")
+    theta0 = _check_vector(theta0, "theta0").detach()
+    hyper = _check_vector(hyper, "hyper").detach()
     lr, momentum = check_schedules(lr, momentum)
     return theta0, hyper, lr.detach().to(theta0), momentum.detach().to(theta0)
 
@@ -230,7 +219,7 @@ def greedy(loss: Loss, objective: Objective, theta0: torch.Tensor, hyper: torch.
         grads.append(d_h)
         objectives.append(float(value.detach()))
         theta, velocity = new_theta.detach(), new_velocity.detach()
-        h = _check_vector(update(t, h, d_h), "the updated hyper").reshape(hyper.shape)
+        h = _check_vector(update(t, h, d_h), "the updated hyper").detach().reshape(hyper.shape)
         trajectory.append(h.clone())
     return Hypergradient(objective=value.item(), theta=theta, hyper=grads[-1], lr=d_lr,
                          momentum=d_momentum, theta0=d_theta0, diagnostics={
@@ -462,7 +451,7 @@ def joint(loss: Loss, theta0: torch.Tensor, hyper: torch.Tensor, lr: torch.Tenso
         losses.append(float(value.detach()))
         velocity = momentum[t] * velocity - (1 - momentum[t]) * d_theta
         theta = theta + lr[t] * velocity
-        h = _check_vector(update(t, h, d_h), "the updated hyper").reshape(hyper.shape)
+        h = _check_vector(update(t, h, d_h), "the updated hyper").detach().reshape(hyper.shape)
         trajectory.append(h.clone())
     with torch.enable_grad():
         h_ = _leaf(h)

@@ -65,7 +65,7 @@ from .crossval import _data_arguments, _subset, _training_index, kfold_indices
 from .guides import is_factorised
 from .hypergradients import greedy, implicit, joint, unrolled
 from .network import NetworkModel
-from .reversible import check_schedules, sgd_momentum
+from .reversible import check_schedules, rmad, sgd_momentum
 from .selection import _build_guide, _check_inputs, _clone_state, module_params_kept
 from .structure import _base_distribution, structural_sites
 from .training import FactorisedELBO
@@ -612,12 +612,14 @@ class _Part:
         return u[self.start:self.start + self.size]
 
 
+#: The methods that return one hypergradient per inner run (greedy and joint move h online).
+_THROUGH_THE_RUN = {"unrolled": unrolled, "rmad": rmad, "implicit": implicit}
+
+
 def _method_options(method: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
     """Check ``method_options`` against the keyword-only arguments of the method function."""
-    from . import reversible
-
     options = dict(options or {})
-    function = {"unrolled": unrolled, "rmad": reversible.rmad, "implicit": implicit}.get(method)
+    function = _THROUGH_THE_RUN.get(method)
     allowed = [] if function is None else [
         name for name, parameter in inspect.signature(function).parameters.items()
         if parameter.kind is inspect.Parameter.KEYWORD_ONLY]
@@ -757,8 +759,6 @@ def optimize_hyperparameters(
     J. Lorraine, P. Vicol, D. Duvenaud. Optimizing millions of hyperparameters
     by implicit differentiation. AISTATS 2020.
     """
-    from . import reversible
-
     _check_method_criterion(method, criterion)
     num_outer_steps = _check_int(num_outer_steps, "num_outer_steps", 1)
     num_inner_steps = _check_int(num_inner_steps, "num_inner_steps", 1)
@@ -884,8 +884,7 @@ def optimize_hyperparameters(
                 grad_u = runs[-1].hyper
                 info = [r.diagnostics for r in runs]
             else:
-                function = {"unrolled": unrolled, "rmad": reversible.rmad,
-                            "implicit": implicit}[method]
+                function = _THROUGH_THE_RUN[method]
                 runs = [function(problem.loss, problem.objective, problem.theta0, h, a, g,
                                  **options) for problem in problems]
                 q = sum(r.objective for r in runs) / len(runs)
