@@ -4,7 +4,7 @@ Scores a few structures of ``two_hidden_layer(64, 10, hidden=...)`` on the
 training split of scikit-learn's digits with every estimator, in one process
 (so the timings are comparable), and prints one JSON object to stdout:
 
-* ``ggn_diag``, ``ggn_kron``: :func:`pyro_structsel.ggn.ggn_laplace` (time of
+* ``ggn_diag``, ``ggn_kron``: :func:`pyro_structsel.evidence.ggn.ggn_laplace` (time of
   the mode search and of the curvature given separately);
 * ``svi_fit``: the mean-field SVI fit (timed on its own), then ``elbo`` and
   ``iwae`` on the fitted guide;
@@ -30,10 +30,10 @@ import pyro.optim
 import torch
 
 import pyro_structsel as ps
-from pyro_structsel.comparison import inert_sites, structure_label
-from pyro_structsel.ggn import ggn_laplace
-from pyro_structsel.selection import _build_guide
-from pyro_structsel.training import fit
+from pyro_structsel.evidence.comparison import inert_sites, structure_label
+from pyro_structsel.evidence.ggn import ggn_laplace
+from pyro_structsel.infer.guides import build_guide
+from pyro_structsel.infer.svi import fit
 
 STRUCTURES = [
     {"layer1": "tanh", "layer2": "tanh"},
@@ -137,7 +137,7 @@ def main() -> None:
             fixed = pyro.poutine.block(fixed, hide=inert)
         pyro.set_rng_seed(opts.seed)
         with pyro.get_param_store().scope():
-            guide = _build_guide(fixed, None, {}, (x, y), {}, None)
+            guide = build_guide(fixed, None, {}, (x, y), {}, None)
             losses, seconds = timed(fit, fixed, guide, (x, y), {}, num_steps=opts.svi_steps,
                                     optim=pyro.optim.Adam({"lr": opts.lr}), progress=False)
             row["svi_fit"] = {"seconds": seconds, "final_loss": float(losses[-1]),

@@ -6,7 +6,7 @@ Usage::
     python benchmarks/hyperopt_memory.py --quick    # eta = 10 and 50 (a minute)
 
 The problem goes through the Pyro bridge
-(:func:`pyro_structsel.hyperopt.hyperparameter_problem`): a
+(:func:`pyro_structsel.hyper.hyperopt.hyperparameter_problem`): a
 :class:`~pyro_structsel.NetworkModel` of the ``two_hidden_layer`` family on
 scikit-learn's digits (Concrete prior on the two activation sites, since
 Dirichlet samples cannot be differentiated twice), the default guide
@@ -56,8 +56,8 @@ def child(method: str, steps: int, learning_rate: float = LR) -> dict[str, Any]:
     import torch
 
     import pyro_structsel as ps
-    from pyro_structsel import hypergradients, hyperopt
-    from pyro_structsel.reversible import rmad
+    from pyro_structsel.hyper import hypergradients, hyperopt
+    from pyro_structsel.hyper.reversible import rmad
 
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)

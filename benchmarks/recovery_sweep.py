@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import pyro_structsel as ps  # noqa: E402
-from pyro_structsel.family import activation  # noqa: E402
+from pyro_structsel.model.family import activation  # noqa: E402
 from test_recovery import (  # noqa: E402
     CANDIDATES, TEACHER_LABELS, Teacher, expected_structure, recover)
 

@@ -1,10 +1,10 @@
-"""Profile of exact-arithmetic RMAD (:func:`pyro_structsel.reversible.rmad`) on digits.
+"""Profile of exact-arithmetic RMAD (:func:`pyro_structsel.hyper.reversible.rmad`) on digits.
 
 A tanh network 64-256-10 (19 210 parameters, float32) trained full batch on 500
 digits with a log weight decay ``h``, Q = cross-entropy on 400 held-out digits.
 For each momentum it runs, in one process (so the ratios are comparable on a
-shared machine), plain :func:`~pyro_structsel.reversible.sgd_momentum` and
-:func:`~pyro_structsel.reversible.rmad`, and reports their times, the ratio,
+shared machine), plain :func:`~pyro_structsel.hyper.reversible.sgd_momentum` and
+:func:`~pyro_structsel.hyper.reversible.rmad`, and reports their times, the ratio,
 the time spent in the information buffer, its size in bits per parameter per
 step against :math:`\\log_2(1/\\gamma)`, its bytes against the bytes of the
 trajectory plain reverse mode would store (:math:`\\eta|\\theta|` floats for
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from pyro_structsel.datasets import load_digits
-from pyro_structsel.reversible import InformationBuffer, rmad, sgd_momentum
+from pyro_structsel.hyper.reversible import InformationBuffer, rmad, sgd_momentum
 
 HIDDEN = 256
 

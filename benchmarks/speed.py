@@ -49,9 +49,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import pyro_structsel as ps  # noqa: E402
-from pyro_structsel.fastpath import NetworkELBO  # noqa: E402
-from pyro_structsel.selection import _build_guide, _trace_for_sites  # noqa: E402
-from pyro_structsel.training import FactorisedELBO  # noqa: E402
+from pyro_structsel.infer.fastpath import NetworkELBO  # noqa: E402
+from pyro_structsel.infer.guides import build_guide
+from pyro_structsel.infer.scope import model_sites_and_params  # noqa: E402
+from pyro_structsel.infer.svi import FactorisedELBO  # noqa: E402
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "identity")
 BATCH = 256
@@ -67,7 +68,7 @@ class Supernet(nn.Module):
                                      nn.Linear(width, d_out)])
         self.alphas = nn.ParameterList([nn.Parameter(torch.zeros(len(ACTIVATIONS)))
                                         for _ in range(2)])
-        self.acts = [ps.family.activation(a) for a in ACTIVATIONS]
+        self.acts = [ps.model.family.activation(a) for a in ACTIVATIONS]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer, alpha in zip(self.layers, self.alphas):
@@ -143,10 +144,10 @@ def elbo_levers(width: int, repeats: int) -> dict[str, Any]:
     x, y = data.x_train, data.y_train
     model = ps.NetworkModel(ps.two_hidden_layer(64, 10, hidden=(width, width)))
     kwargs = {"batch_size": BATCH}
-    sites, _ = _trace_for_sites(model, (x, y), kwargs)
+    sites, _ = model_sites_and_params(model, (x, y), kwargs)
     out: dict[str, Any] = {}
     with pyro.get_param_store().scope():
-        guide = _build_guide(model, None, sites, (x, y), kwargs, None)
+        guide = build_guide(model, None, sites, (x, y), kwargs, None)
         guide(x, y, **kwargs)
         elbos: dict[str, Any] = {
             "stock_trace_mean_field": FactorisedELBO(max_plate_nesting=1),

@@ -1,67 +1,97 @@
-"""pyro_structsel: Bayesian structure selection for deep-learning models, on Pyro."""
+"""pyro_structsel: Bayesian structure selection for deep-learning models, on Pyro.
+
+The subpackages are layers, each importing only from those below it:
+``util`` → ``model`` (what a structure is) → ``datasets`` → ``infer``
+(fitting q) → ``evidence`` (scoring) → ``hyper`` (hyperparameters) →
+``report`` (diagnostics, ArviZ, plots) → ``selection`` (``select_structure``).
+Everything a user needs is here, at the top: ``import pyro_structsel as ps``.
+"""
 
 from __future__ import annotations
 
-from .arviz import to_inference_data
-from ._sampling import VectorizationWarning
-from .bayesian import BayesianModule, batched_call
-from .comparison import all_structures, compare_structures, inert_sites, structure_label
-from .complexity import (
-    DescriptionLength,
-    classical_complexity,
-    description_length,
-    parametric_complexity,
-    structural_complexity,
-)
-from .crossval import blr_cross_validation, cross_validation, kfold_indices
 from .datasets import Dataset, load_digits
-from .descent import StepSizeWarning, gradient_descent_evidence
-from .distributed import DistributedWarning, data_plate, init_distributed
-from .diagnostics import (
+from .evidence import (
+    DescriptionLength,
+    Estimate,
+    EvidenceMethod,
+    LaplaceWarning,
+    ParetoKWarning,
+    StepSizeWarning,
+    all_structures,
+    blr_cross_validation,
+    blr_log_evidence,
+    blr_model,
+    blr_posterior,
+    classical_complexity,
+    compare_structures,
+    cross_validation,
+    description_length,
+    elbo,
+    estimate_evidence,
+    ggn_laplace,
+    gradient_descent_evidence,
+    inert_sites,
+    iwae,
+    kfold_indices,
+    laplace,
+    parametric_complexity,
+    polynomial_features,
+    psis_khat,
+    structural_complexity,
+    structure_label,
+)
+from .hyper import (
+    Hypergradient,
+    HypergradientWarning,
+    HyperparameterResult,
+    ReconstructionWarning,
+    optimize_hyperparameters,
+    rmad,
+    sgd_momentum,
+)
+from .infer import (
+    AutoMeanFieldNormal,
+    AutoStructure,
     Convergence,
     ConvergenceWarning,
     DiagnosticWarning,
-    FitDiagnostics,
-    ParetoKWarning,
-    diagnose,
+    NonFiniteLossError,
+    default_guide,
     elbo_convergence,
-    psis_khat,
+    load_checkpoint,
+    save_checkpoint,
 )
-from .estimate import Estimate
-from .evidence import EvidenceMethod, elbo, estimate_evidence, iwae
-from .exact import blr_log_evidence, blr_model, blr_posterior, polynomial_features
-from .family import (
+from .model import (
+    BayesianModule,
     GraphFamily,
     MixedOp,
+    NetworkModel,
+    StructuralSite,
+    batched_call,
     conv_family,
+    data_plate,
     derive_network,
+    find_structural_sites,
+    fix_structure,
     one_hidden_layer,
+    structural_prior,
+    structure,
     two_hidden_layer,
 )
-from .ggn import ggn_laplace
-from .guides import AutoMeanFieldNormal, AutoStructure, default_guide
-from .hypergradients import HypergradientWarning
-from .hyperopt import HyperparameterResult, optimize_hyperparameters
-from .laplace import LaplaceWarning, laplace
-from .network import NetworkModel
-from .plots import (
+from .report import (
+    FitDiagnostics,
+    diagnose,
     plot_elbo,
     plot_evidence_comparison,
     plot_simplex,
     plot_structure_posterior,
+    to_inference_data,
 )
-from .reversible import Hypergradient, ReconstructionWarning, rmad, sgd_momentum
 from .selection import SelectionResult, select_structure
-from .structure import (
-    StructuralSite,
-    find_structural_sites,
-    fix_structure,
-    structural_prior,
-    structure,
-)
-from .training import NonFiniteLossError, load_checkpoint, save_checkpoint
+from .util import DistributedWarning, VectorizationWarning, init_distributed
+from .util.version import VERSION
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "AutoMeanFieldNormal",

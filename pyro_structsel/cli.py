@@ -30,7 +30,7 @@ Example
     $ torchrun --standalone --nproc_per_node=2 -m pyro_structsel --quick
 
 Under ``torchrun`` the fit is data-parallel (each rank its shard of the
-digits, see :mod:`pyro_structsel.distributed`); rank 0 prints and writes.
+digits, see :mod:`pyro_structsel.infer.distributed`); rank 0 prints and writes.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the heavy imports wait until a run needs them
     from .datasets import Dataset
-    from .selection import SelectionResult
+    from .selection.result import SelectionResult
 
 PROG = "pyro-structsel"
 
@@ -83,7 +83,7 @@ _positive_float = _number(float, 0.0, True, "a positive number")
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m pyro_structsel``."""
-    from .family import ACTIVATIONS, DEFAULT_ACTIVATIONS
+    from .model.family import ACTIVATIONS, DEFAULT_ACTIVATIONS
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -234,9 +234,9 @@ def _run_selection(config: Mapping[str, Any]) -> Run:
     import torch
 
     from .datasets import load_digits
-    from .family import two_hidden_layer
-    from .network import NetworkModel
-    from .selection import select_structure
+    from .model.family import two_hidden_layer
+    from .model.network import NetworkModel
+    from .selection.select import select_structure
 
     data = load_digits(subsample=config["subsample"], seed=config["data_seed"],
                        test_size=config["test_size"])
@@ -354,12 +354,12 @@ def _json_safe(value: Any) -> Any:
 
 def results_dict(run: Run) -> dict[str, Any]:
     """The content of ``results.json`` (JSON-safe)."""
-    from . import __version__
+    from .util.version import VERSION
 
     result, data = run.result, run.data
     sites = result.sites
     out: dict[str, Any] = {
-        "pyro_structsel_version": __version__,
+        "pyro_structsel_version": VERSION,
         "config": run.config,
         "data": {"name": data.name, "num_train": len(data.y_train),
                  "num_test": len(data.y_test), "num_features": data.num_features,
@@ -450,8 +450,8 @@ def write_outputs(run: Run, out: str | os.PathLike[str]) -> dict[str, Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .arviz import to_inference_data
-    from .plots import plot_elbo, plot_structure_posterior
+    from .report.inference_data import to_inference_data
+    from .report.plots import plot_elbo, plot_structure_posterior
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         config = _resolve(args, parser)
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2), already printed
         return exit_.code if isinstance(exit_.code, int) else 2
-    from .distributed import init_distributed, is_main_process, launched_by_torchrun
+    from .util.ranks import init_distributed, is_main_process, launched_by_torchrun
 
     start = time.perf_counter()
     # under torchrun every rank runs the job data-parallel; rank 0 alone prints and writes

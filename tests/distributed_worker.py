@@ -22,10 +22,12 @@ import torch.distributed as tdist
 from pyro.infer.autoguide import AutoDelta
 
 import pyro_structsel as ps
-from pyro_structsel import distributed
-from pyro_structsel.distributed import use_distributed
-from pyro_structsel.fastpath import network_elbo
-from pyro_structsel.training import fit
+from pyro_structsel.infer import distributed
+from pyro_structsel.model import plate as plates
+from pyro_structsel.util import ranks
+from pyro_structsel.util.ranks import use_distributed
+from pyro_structsel.infer.fastpath import network_elbo
+from pyro_structsel.infer.svi import fit
 
 NUM_ROWS = 7  # shards of 4 and 3 rows on two ranks: the unequal case
 FIT_STEPS = 40
@@ -117,7 +119,7 @@ def fast_loss(sharded: bool) -> tuple[float, float]:
         torch.manual_seed(5)
         noise = elbo.draw_noise()
         gammas = {"activation": torch.tensor([0.3, 0.7])}
-        rows, scale = distributed.data_rows(len(x))
+        rows, scale = plates.data_rows(len(x))
         with torch.no_grad():
             loss = float(elbo.loss_given(x, y, rows, noise, scale=scale, gammas=gammas))
             full = float(elbo.loss_given(x, y, None, noise, gammas=gammas))
@@ -127,8 +129,8 @@ def fast_loss(sharded: bool) -> tuple[float, float]:
 def minibatch_rows() -> dict[str, Any]:
     """This rank's minibatch of 16 of 255 rows and its weight, inside a data-parallel fit."""
     with use_distributed(True):
-        shard, _ = distributed.data_rows(255)
-        rows, scale = distributed.data_rows(255, 16)
+        shard, _ = plates.data_rows(255)
+        rows, scale = plates.data_rows(255, 16)
     return {"shard": shard, "rows": rows, "scale": scale}
 
 

@@ -20,9 +20,9 @@ import torch  # noqa: E402
 from pyro.distributions import constraints  # noqa: E402
 
 import pyro_structsel as ps  # noqa: E402
-from pyro_structsel._sampling import VectorizationWarning  # noqa: E402
-from pyro_structsel.arviz import to_inference_data  # noqa: E402
-from pyro_structsel.diagnostics import (  # noqa: E402
+from pyro_structsel.util.sampling import VectorizationWarning  # noqa: E402
+from pyro_structsel.report.inference_data import to_inference_data  # noqa: E402
+from pyro_structsel import (  # noqa: E402
     ConvergenceWarning,
     ParetoKWarning,
     diagnose,
@@ -244,7 +244,7 @@ def test_seed_reproduces_and_leaves_global_state(fit):
 def test_minibatch_fit_is_exported_on_the_full_data():
     fit = _fit(basis_model, batch_size=10, num_steps=100)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ps.diagnostics.DiagnosticWarning)
+        warnings.simplefilter("ignore", ps.DiagnosticWarning)
         idata = to_inference_data(fit, num_samples=30, seed=0)
     assert idata.log_likelihood["y"].shape == (1, 30, 40)  # every observation, not 10
     assert json.loads(idata.attrs["dropped_model_kwargs"]) == ["batch_size"]

@@ -16,8 +16,8 @@ from torch import nn
 from torch.func import functional_call
 
 import pyro_structsel as ps
-from pyro_structsel._sampling import draw
-from pyro_structsel.bayesian import GROUP_KEY
+from pyro_structsel.util.sampling import draw
+from pyro_structsel.model.bayesian import GROUP_KEY
 
 from common import assert_close
 

@@ -276,7 +276,7 @@ def test_non_finite_loss_without_checkpoint(tmp_path):
         ps.select_structure(model, x, torch.sin(x), num_steps=5, seed=0, progress=False)
 
 
-@pytest.mark.parametrize("lr", [5.0, 1e30])
+@pytest.mark.parametrize("lr", [1e3, 1e30])
 def test_huge_learning_rate_raises_non_finite_loss(tmp_path, lr):
     # a huge step overflows a parameter (exp of the Dirichlet concentration) or the loss
     g = torch.Generator().manual_seed(0)

@@ -11,7 +11,7 @@ import torch
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal
 
 import pyro_structsel as ps
-from pyro_structsel.bayesian import GROUP_KEY
+from pyro_structsel.model.bayesian import GROUP_KEY
 
 from common import assert_close
 

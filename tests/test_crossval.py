@@ -12,11 +12,11 @@ import pytest
 import torch
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
-from pyro_structsel._sampling import VectorizationWarning
-from pyro_structsel.crossval import blr_cross_validation, cross_validation, kfold_indices
-from pyro_structsel.estimate import Estimate
-from pyro_structsel.exact import blr_log_evidence, blr_model
-from pyro_structsel.structure import structure
+from pyro_structsel.util.sampling import VectorizationWarning
+from pyro_structsel.evidence.crossval import blr_cross_validation, cross_validation, kfold_indices
+from pyro_structsel.evidence.estimate import Estimate
+from pyro_structsel.evidence.exact import blr_log_evidence, blr_model
+from pyro_structsel.model.sites import structure
 
 
 def _data(num_data: int, num_features: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

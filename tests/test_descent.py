@@ -20,8 +20,8 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.infer.autoguide.initialization import init_to_mean, init_to_value
 
 import pyro_structsel as ps
-from pyro_structsel._sampling import VectorizationWarning
-from pyro_structsel.descent import StepSizeWarning, gradient_descent_evidence
+from pyro_structsel.util.sampling import VectorizationWarning
+from pyro_structsel.evidence.descent import StepSizeWarning, gradient_descent_evidence
 
 D = 5
 ALPHA = 2.0      # prior precision of the weights

@@ -38,7 +38,9 @@ import torch
 from pyro import poutine
 
 import pyro_structsel as ps
-from pyro_structsel import distributed
+from pyro_structsel.infer import distributed
+from pyro_structsel.model import plate as plates
+from pyro_structsel.util import ranks
 
 from common import assert_close
 
@@ -191,7 +193,7 @@ def test_distributed_checkpoint_in_one_process_warns_and_keeps_parameters(runs, 
 def _shard_model(x: torch.Tensor, y: torch.Tensor, rank: int | None, world_size: int,
                  batch: int | None) -> None:
     w = pyro.sample("w", dist.Normal(torch.zeros((), dtype=x.dtype), 1.0))
-    plate = (pyro.plate("data", len(x)) if rank is None else distributed.shard_plate(
+    plate = (pyro.plate("data", len(x)) if rank is None else plates.shard_plate(
         "data", len(x), rank=rank, world_size=world_size, subsample_size=batch))
     with plate as idx:
         pyro.sample("y", dist.Normal(w * x[idx], 1.0), obs=y[idx])
@@ -208,7 +210,7 @@ def test_shard_plate_mean_over_ranks_and_minibatches_is_the_full_data_loss(world
         x, y, None, 1, None).log_prob_sum()
     per_rank = []
     for rank in range(world_size):
-        shard = distributed.shard_indices(7, rank, world_size).tolist()
+        shard = plates.shard_indices(7, rank, world_size).tolist()
         subsets = [shard] if batch is None else itertools.combinations(shard, batch)
         values = [poutine.trace(poutine.condition(
             _shard_model, {"w": w, "data": torch.tensor(subset)})).get_trace(
@@ -218,20 +220,20 @@ def test_shard_plate_mean_over_ranks_and_minibatches_is_the_full_data_loss(world
 
 
 def test_shard_plate_draws_a_minibatch_of_the_shard():
-    shards = [distributed.shard_indices(10, rank, 3) for rank in range(3)]
+    shards = [plates.shard_indices(10, rank, 3) for rank in range(3)]
     assert [s.tolist() for s in shards] == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
-    with distributed.shard_plate("data", 10, rank=1, world_size=3, subsample_size=2) as idx:
+    with plates.shard_plate("data", 10, rank=1, world_size=3, subsample_size=2) as idx:
         assert len(idx) == 2 and len(set(idx.tolist())) == 2
         assert set(idx.tolist()) <= {1, 4, 7}
-    with distributed.shard_plate("data", 10, rank=1, world_size=3, subsample_size=5) as idx:
+    with plates.shard_plate("data", 10, rank=1, world_size=3, subsample_size=5) as idx:
         assert sorted(idx.tolist()) == [1, 4, 7]  # larger than the shard: all of it
 
 
 def test_data_plate_outside_a_fit_is_pyro_plate():
     plate = ps.data_plate("data", 10, 4)
     assert type(plate) is pyro.plate and plate.subsample_size == 4
-    assert not distributed.is_distributed()
-    assert (distributed.rank(), distributed.world_size()) == (0, 1)
+    assert not ranks.is_distributed()
+    assert (ranks.rank(), ranks.world_size()) == (0, 1)
 
 
 def test_bad_distributed_arguments_name_the_fix(monkeypatch):
@@ -243,12 +245,12 @@ def test_bad_distributed_arguments_name_the_fix(monkeypatch):
     with pytest.raises(ValueError, match="distributed to be True, False or None"):
         ps.select_structure(model, x, y, num_steps=1, distributed="yes")
     with pytest.raises(ValueError, match="initialised process group"):
-        with distributed.use_distributed(True):
+        with ranks.use_distributed(True):
             pass
     with pytest.raises(ValueError, match="every rank needs at least one row"):
-        distributed.shard_indices(2, 0, 3)
+        plates.shard_indices(2, 0, 3)
     with pytest.raises(ValueError, match="rank"):
-        distributed.shard_indices(5, 3, 3)
+        plates.shard_indices(5, 3, 3)
 
 
 def test_one_process_group_from_the_environment(monkeypatch, tmp_path):
@@ -261,10 +263,10 @@ def test_one_process_group_from_the_environment(monkeypatch, tmp_path):
         plain = worker.exact_fit(False)
         sharded = worker.exact_fit(True)  # the collectives of a group of one
         assert_close(sharded["params"], plain["params"], atol=1e-12, rtol=1e-12)
-        assert distributed.is_main_process()
+        assert ranks.is_main_process()
     finally:
         torch.distributed.destroy_process_group()
-    assert not distributed.group_initialized()
+    assert not ranks.group_initialized()
 
 
 @pytest.mark.slow

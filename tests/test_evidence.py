@@ -11,7 +11,7 @@ import torch
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 import pyro_structsel as ps
-from pyro_structsel.training import fit
+from pyro_structsel.infer.svi import fit
 
 ALPHA, BETA, DEGREES = 0.5, 25.0, 10
 
@@ -161,7 +161,7 @@ CONJUGATE = {
 
 # k-hat is unstable when q is close to the posterior (near-constant weights: the Pareto fit
 # to a tail of tiny range swings, 0.2-1.0 across fits here); the ESS is the check kept.
-@pytest.mark.filterwarnings("ignore::pyro_structsel.diagnostics.ParetoKWarning")
+@pytest.mark.filterwarnings("ignore::pyro_structsel.ParetoKWarning")
 @pytest.mark.parametrize("name", sorted(CONJUGATE))
 def test_estimators_on_conjugate_models(float64, name):
     # Tolerances: Laplace exact for Normal-Normal (1e-6), O(1/n) otherwise (0.02 nats at

@@ -11,9 +11,9 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_structsel.estimate import Estimate
+from pyro_structsel.evidence.estimate import Estimate
 from pyro_structsel.evidence import elbo
-from pyro_structsel.exact import (
+from pyro_structsel.evidence.exact import (
     blr_log_evidence,
     blr_model,
     blr_posterior,

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import pyro_structsel as ps
-from pyro_structsel.family import mixed_ops
+from pyro_structsel.model.family import mixed_ops
 
 from common import assert_close
 

@@ -17,9 +17,10 @@ from pyro import poutine
 from pyro.infer.autoguide import AutoGuideList, AutoNormal
 
 import pyro_structsel as ps
-from pyro_structsel.fastpath import FlatAdam, NetworkELBO, fast_path_support, network_elbo
-from pyro_structsel.selection import _build_guide, _trace_for_sites
-from pyro_structsel.training import FactorisedELBO, fit
+from pyro_structsel.infer.fastpath import FlatAdam, NetworkELBO, fast_path_support, network_elbo
+from pyro_structsel.infer.guides import build_guide
+from pyro_structsel.infer.scope import model_sites_and_params
+from pyro_structsel.infer.svi import FactorisedELBO, fit
 
 from common import assert_close
 from test_recovery import Teacher
@@ -38,12 +39,12 @@ def _setup(prior: str = "dirichlet", likelihood: str = "categorical", learn: boo
         model = ps.NetworkModel(ps.one_hidden_layer(5, 1, hidden=6), likelihood="normal",
                                 noise_scale=0.5, prior=prior, learn_prior_scale=learn)
     kwargs = {} if batch is None else {"batch_size": batch}
-    sites, model_params = _trace_for_sites(model, (x, y), kwargs)
+    sites, model_params = model_sites_and_params(model, (x, y), kwargs)
     return model, x, y, kwargs, sites, model_params
 
 
 def _guide(model, x, y, kwargs, sites):
-    guide = _build_guide(model, None, sites, (x, y), kwargs, None)
+    guide = build_guide(model, None, sites, (x, y), kwargs, None)
     guide(x, y, **kwargs)
     model(x, y, **kwargs)  # the model's own parameters (learnable prior scales)
     with torch.no_grad():  # move away from the initialisation: unequal scales, concentrations
@@ -252,7 +253,7 @@ def test_falls_back_to_stock_elbo_where_not_covered(monkeypatch):
             hyper = ps.NetworkModel(ps.two_hidden_layer(5, 3, hidden=(6, 7)), prior=prior,
                                     **{learned: True})
             with pyro.get_param_store().scope():
-                hyper_sites, _ = _trace_for_sites(hyper, (x, y), kwargs)
+                hyper_sites, _ = model_sites_and_params(hyper, (x, y), kwargs)
                 hyper_guide = _guide(hyper, x, y, kwargs, hyper_sites)
                 assert "learnable" in fast_path_support(hyper, hyper_guide), learned
         with pytest.raises(ValueError, match="num_particles"):
@@ -272,7 +273,7 @@ def test_falls_back_to_stock_elbo_where_not_covered(monkeypatch):
     assert calls["n"] == 0
     fixed = ps.fix_structure(model, {"layer1": "relu"})  # a wrapped model: stock path
     with pyro.get_param_store().scope():
-        guide = _build_guide(fixed, None, {"layer2": sites["layer2"]}, (x, y), kwargs, None)
+        guide = build_guide(fixed, None, {"layer2": sites["layer2"]}, (x, y), kwargs, None)
         losses = fit(fixed, guide, (x, y), kwargs, num_steps=3, optim=FlatAdam({"lr": 0.01}),
                      progress=False)
     assert len(losses) == 3 and calls["n"] == 0
@@ -286,7 +287,7 @@ def test_local_reparam_needs_linear_weights():
                                            names=("conv1",)))
     x = torch.randn(6, 1, 8, 8)
     y = torch.randint(0, 3, (6,))
-    sites, _ = _trace_for_sites(model, (x, y), {})
+    sites, _ = model_sites_and_params(model, (x, y), {})
     with pyro.get_param_store().scope():
         guide = _guide(model, x, y, {}, sites)
         assert isinstance(NetworkELBO(model, guide).loss(model, guide, x, y), float)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import pyro_structsel as ps
-from pyro_structsel.ggn import _Problem, ggn_laplace
+from pyro_structsel.evidence.ggn import _Problem, ggn_laplace
 
 STRUCTURES = ("full", "kron", "diag")
 

@@ -15,8 +15,8 @@ import torch
 from pyro.distributions import constraints
 
 import pyro_structsel as ps
-from pyro_structsel import hypergradients, hyperopt
-from pyro_structsel.reversible import rmad, sgd_momentum
+from pyro_structsel.hyper import hypergradients, hyperopt
+from pyro_structsel.hyper.reversible import rmad, sgd_momentum
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ import torch  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 
 import pyro_structsel as ps  # noqa: E402
-from pyro_structsel.arviz import to_inference_data  # noqa: E402
-from pyro_structsel.plots import (  # noqa: E402
+from pyro_structsel.report.inference_data import to_inference_data  # noqa: E402
+from pyro_structsel.report.plots import (  # noqa: E402
     plot_elbo,
     plot_evidence_comparison,
     plot_simplex,

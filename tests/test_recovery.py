@@ -40,7 +40,7 @@ import pyro
 import torch
 
 import pyro_structsel as ps
-from pyro_structsel.family import activation
+from pyro_structsel.model.family import activation
 
 CANDIDATES = ("relu", "tanh", "sigmoid", "identity")
 TEACHER_LABELS = ("relu", "tanh", "identity")

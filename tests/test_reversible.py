@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyro_structsel.reversible import (
+from pyro_structsel.hyper.reversible import (
     MOMENTUM_BITS,
     InformationBuffer,
     ReconstructionWarning,

@@ -11,7 +11,7 @@ import torch
 from pyro import poutine
 
 import pyro_structsel as ps
-from pyro_structsel.structure import OPTIONS_KEY, is_log_simplex
+from pyro_structsel.model.sites import OPTIONS_KEY, is_log_simplex
 
 from common import assert_close
 

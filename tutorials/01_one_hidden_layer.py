@@ -124,7 +124,7 @@ print(result.summary())
 site = result.sites["activation"]
 num_draws = 2000
 with result.param_scope(), torch.no_grad():
-    q_gamma = ps.guides.structure_guides(result.guide)[0].posterior("activation")
+    q_gamma = ps.infer.guides.structure_guides(result.guide)[0].posterior("activation")
     gamma = site.to_simplex(q_gamma.sample((num_draws,))).reshape(num_draws, -1)
 prior_gamma = torch.distributions.Dirichlet(torch.ones(len(candidates))).sample((num_draws,))
 

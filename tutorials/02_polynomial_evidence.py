@@ -15,10 +15,10 @@ support? Two answers:
 - the **evidence** :math:`\ln p(t \mid M)`, the probability of the data
   under the model with its weights integrated out — the Bayesian answer,
   which needs no held-out data (PRML eq. 3.86; closed form here:
-  :func:`pyro_structsel.exact.blr_log_evidence`);
+  :func:`pyro_structsel.evidence.exact.blr_log_evidence`);
 - **K-fold cross-validation**, the classical one: fit on K − 1 folds, score
   the held-out fold by its posterior predictive density, sum over folds
-  (:func:`pyro_structsel.crossval.blr_cross_validation`).
+  (:func:`pyro_structsel.evidence.crossval.blr_cross_validation`).
 
 Both are computed in closed form, so we can repeat the experiment on
 hundreds of random data sets and look at the *distribution* of the degree
@@ -50,8 +50,8 @@ matplotlib.use("Agg")  # write files, never open windows
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from pyro_structsel.crossval import blr_cross_validation  # noqa: E402
-from pyro_structsel.exact import blr_log_evidence, blr_posterior, polynomial_features  # noqa: E402
+from pyro_structsel.evidence.crossval import blr_cross_validation  # noqa: E402
+from pyro_structsel.evidence.exact import blr_log_evidence, blr_posterior, polynomial_features  # noqa: E402
 
 # %% [markdown]
 # ## 0. Settings

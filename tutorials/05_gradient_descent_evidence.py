@@ -55,7 +55,7 @@ from pyro.infer.autoguide import AutoNormal  # noqa: E402
 from pyro.infer.autoguide.initialization import init_to_mean  # noqa: E402
 
 import pyro_structsel as ps  # noqa: E402
-from pyro_structsel.descent import gradient_descent_evidence  # noqa: E402
+from pyro_structsel.evidence.descent import gradient_descent_evidence  # noqa: E402
 
 # %% [markdown]
 # ## 0. Settings

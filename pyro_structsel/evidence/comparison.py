@@ -1,0 +1,260 @@
+r"""``compare_structures``: score discrete structures by their evidence.
+
+For each structure (a vertex of the simplex at every structural site) the
+structural sites are pinned with :func:`~pyro_structsel.fix_structure`, the
+remaining latents are integrated by the chosen estimator (fitting
+:math:`q` by SVI where the estimator needs one), and the structures are
+ranked by :math:`\log p(D \mid \text{structure})`. Under a uniform prior over
+the structures compared, their posterior probabilities are
+:math:`\mathrm{softmax}(\log p(D \mid s))`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+import pyro
+import pyro.optim
+import torch
+from pyro import poutine
+from tqdm.auto import tqdm
+
+from ..infer.guides import build_guide
+from ..infer.scope import clone_param_state, model_sites_and_params, module_params_kept
+from ..infer.svi import fit
+from ..model.fix_messenger import fix_structure
+from ..model.network import NetworkModel
+from ..model.sites import StructuralSite, check_structure
+from ..util.options import parse_option
+from ..util.sampling import trace_model
+from ..util.validation import check_inputs
+from .crossval import CROSS_VALIDATION, cross_validation
+from .estimate import Estimate
+from .ggn import ggn_laplace
+from .methods import EvidenceMethod, estimate_evidence
+
+#: Estimators that score the fixed model without a fitted guide.
+_NEEDS_NO_GUIDE = {EvidenceMethod.LAPLACE}
+
+
+def structure_label(structure: Mapping[str, str | int]) -> str:
+    """A readable label such as ``"layer1=tanh, layer2=relu"``."""
+    return ", ".join(f"{site}={option}" for site, option in structure.items())
+
+
+def all_structures(sites: Mapping[str, StructuralSite]) -> list[dict[str, str | int]]:
+    """Every vertex: the product of the options of all sites."""
+    names = list(sites)
+    options = [[sites[n].label(k) for k in range(sites[n].num_options)] for n in names]
+    return [dict(zip(names, combo)) for combo in itertools.product(*options)]
+
+
+def inert_sites(model: Callable[..., Any], *args: Any, num_checks: int = 3,
+                **kwargs: Any) -> list[str]:
+    r"""Latent sites that no other term of the model's log density depends on.
+
+    A site :math:`w` is inert when the gradient of every other log-density
+    term with respect to :math:`w` is exactly zero and its own log prior has
+    exactly zero gradient with respect to every other latent, at
+    ``num_checks`` independent draws from the prior. Then
+    :math:`p(D, z) = p(D, z_{-w})\,p(w)` and :math:`w` integrates out
+    exactly. With a structure fixed at a vertex, the weights of the candidates
+    it leaves out are inert: they enter the model multiplied by
+    :math:`\gamma_k = 0`.
+
+    The check is numerical: a weight whose every path to the data is cut at
+    all ``num_checks`` draws (e.g. a ReLU unit dead on every input each time)
+    would be taken for inert. Raise ``num_checks`` or pass
+    ``marginalize_inert=False`` to :func:`compare_structures` where that
+    can happen.
+    """
+    candidates: set[str] | None = None
+    for _ in range(num_checks):
+        trace = trace_model(model, args, kwargs)
+        values = {name: site["value"].detach().requires_grad_()
+                  for name, site in trace.iter_stochastic_nodes()
+                  if site["value"].is_floating_point()}
+        with torch.enable_grad():
+            conditioned = trace_model(poutine.condition(model, data=values), args, kwargs)
+            terms = {name: site["fn"].log_prob(site["value"]).sum()
+                     for name, site in conditioned.nodes.items() if site["type"] == "sample"}
+            found = set()
+            for name, value in values.items():
+                others = [t for other, t in terms.items() if other != name and t.requires_grad]
+                rest = [values[other] for other in values if other != name]
+                own = terms[name]
+                if _all_zero(others, [value]) and (
+                        not own.requires_grad or _all_zero([own], rest)):
+                    found.add(name)
+        candidates = found if candidates is None else candidates & found
+    return [name for name in values if name in (candidates or set())]
+
+
+def _all_zero(outputs: list[torch.Tensor], inputs: list[torch.Tensor]) -> bool:
+    if not outputs or not inputs:
+        return True
+    grads = torch.autograd.grad(outputs, inputs, allow_unused=True, retain_graph=True)
+    return all(g is None or bool((g == 0).all()) for g in grads)
+
+
+def compare_structures(
+    model: Callable[..., Any],
+    *args: Any,
+    structures: Sequence[Mapping[str, str | int]] | None = None,
+    method: str = "laplace",
+    guide: Any = None,
+    num_steps: int = 1000,
+    lr: float = 0.01,
+    optim: Callable[[], pyro.optim.PyroOptim] | None = None,
+    num_particles: int = 1,
+    num_samples: int = 1000,
+    seed: int | None = None,
+    progress: bool = True,
+    marginalize_inert: bool = True,
+    folds: int = 5,
+    hessian_structure: str | None = None,
+    **kwargs: Any,
+) -> pd.DataFrame:
+    r"""Rank discrete structures by log evidence :math:`\log p(D \mid s)`.
+
+    Parameters
+    ----------
+    model : callable
+        A Pyro model with structural sites.
+    *args, **kwargs
+        Passed to the model.
+    structures : sequence of dict, optional
+        Structures to compare (site → option label or index); default every vertex.
+    method : str
+        Evidence estimator (``"laplace"``, ``"elbo"``, ``"iwae"``,
+        ``"gradient_descent"``), or ``"cross_validation"``: the k-fold held-out
+        log-likelihood, the classical competitor (``folds`` folds, refitted per fold).
+    guide : AutoGuide class or callable, optional
+        Guide for the remaining latents, for estimators that fit :math:`q`
+        (default :class:`~pyro_structsel.AutoMeanFieldNormal`); a class is
+        built per structure.
+    num_steps, lr : int, float
+        SVI steps and Adam learning rate of each fit.
+    optim : callable, optional
+        Makes a fresh Pyro optimiser per fit (e.g. ``lambda: pyro.optim.ClippedAdam(
+        {"lr": 0.05, "lrd": 0.999})``); default Adam with ``lr``.
+    num_particles : int
+        Particles per ELBO gradient in each fit.
+    num_samples : int
+        Draws per Monte Carlo estimate.
+    seed : int, optional
+        Seed used for every structure's fit (same seed, comparable fits).
+    progress : bool
+        Progress bar over the structures.
+    marginalize_inert : bool
+        Integrate out exactly the latents a structure leaves out (see
+        :func:`inert_sites`) instead of fitting :math:`q` to them.
+    hessian_structure : {"kron", "diag", "full"}, optional
+        Curvature of ``"laplace"`` for a :class:`~pyro_structsel.NetworkModel`:
+        the generalised Gauss-Newton matrix, Kronecker-factored (default),
+        diagonal or full (:func:`~pyro_structsel.ggn_laplace`). Other models
+        use the full autograd Hessian (:func:`~pyro_structsel.laplace`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Sorted best first, indexed by a label like ``"layer1=tanh, layer2=relu"``,
+        with columns ``log_evidence``, ``se``, ``log_bayes_factor`` (vs the best,
+        ≤ 0), ``probability`` (posterior under a uniform prior over the
+        structures compared; sums to 1) and ``structure`` (the dict);
+        ``df.attrs["estimates"]`` maps labels to the :class:`Estimate` objects.
+
+    Example
+    -------
+    >>> table = compare_structures(model, x, y, method="laplace")
+    >>> table.iloc[0]["structure"]
+    {'degree': '3'}
+    """
+    method_enum = None if method == CROSS_VALIDATION else parse_option(
+        EvidenceMethod, method, "method (or 'cross_validation')")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"Expected num_steps to be an int >= 1, but got {num_steps!r}.")
+    check_inputs(model, args, kwargs)
+    sites, model_params = model_sites_and_params(model, args, kwargs)
+    chosen = [check_structure(s, sites) for s in structures] if structures is not None \
+        else all_structures(sites)
+    if not chosen:
+        raise ValueError("No structure to compare.")
+    eval_kwargs = kwargs
+    if isinstance(model, NetworkModel):  # score on the full data, not on a minibatch
+        eval_kwargs = {k: v for k, v in kwargs.items() if k != "batch_size"}
+    network = isinstance(model, NetworkModel)
+    if hessian_structure is not None and not network:
+        raise ValueError("hessian_structure applies to a ps.NetworkModel only; other models "
+                         "use the full Hessian.")
+    curvature = (hessian_structure or "kron") if network and \
+        method_enum is EvidenceMethod.LAPLACE else None
+    estimates: dict[str, Estimate] = {}
+    with module_params_kept(model):
+        for structure in tqdm(chosen, desc="compare_structures", disable=not progress,
+                              leave=False):
+            estimates[structure_label(structure)] = _score_structure(
+                model, structure, args, kwargs, eval_kwargs, method_enum, guide=guide,
+                model_params=model_params, num_steps=num_steps,
+                optim=optim or (lambda: pyro.optim.Adam({"lr": lr})), lr=lr,
+                num_particles=num_particles,
+                num_samples=num_samples, seed=seed, folds=folds,
+                marginalize_inert=marginalize_inert, curvature=curvature)
+    return _table(estimates, {structure_label(s): s for s in chosen})
+
+
+def _score_structure(model: Callable[..., Any], structure: Mapping[str, str | int],
+                     args: tuple, kwargs: dict[str, Any], eval_kwargs: dict[str, Any],
+                     method: EvidenceMethod | None, *, guide: Any,
+                     model_params: dict[str, Any], num_steps: int,
+                     optim: Callable[[], pyro.optim.PyroOptim], lr: float,
+                     num_particles: int, num_samples: int, seed: int | None, folds: int,
+                     marginalize_inert: bool, curvature: str | None) -> Estimate:
+    """Log evidence of one structure (``method=None``: cross-validation)."""
+    if curvature is not None:  # a network: Gauss-Newton Laplace on the pruned network
+        return ggn_laplace(model, *args, structure=structure, hessian_structure=curvature,
+                           **eval_kwargs)
+    # everything runs in a scope of its own: tracing a PyroModule registers its parameters
+    with pyro.get_param_store().scope(clone_param_state(model_params)):
+        fixed = fix_structure(model, structure)
+        inert = inert_sites(fixed, *args, **eval_kwargs) if marginalize_inert else []
+        if inert:  # integrate them out exactly: hide them from inference
+            fixed = poutine.block(fixed, hide=inert)
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        if method is None:
+            return cross_validation(fixed, *args, folds=folds, num_steps=num_steps,
+                                    guide=guide, lr=lr, num_samples=num_samples, seed=seed,
+                                    **kwargs)
+        fitted = None
+        if method not in _NEEDS_NO_GUIDE:
+            fitted = build_guide(fixed, guide, {}, args, kwargs, None)
+            fit(fixed, fitted, args, kwargs, num_steps=num_steps, optim=optim(),
+                num_particles=num_particles, progress=False)
+        return estimate_evidence(method, fixed, fitted, *args, num_samples=num_samples,
+                                 **eval_kwargs)
+
+
+def _table(estimates: Mapping[str, Estimate], structures: Mapping[str, dict[str, Any]]
+           ) -> pd.DataFrame:
+    labels = list(estimates)
+    log_ev = torch.tensor([estimates[label].value for label in labels], dtype=torch.float64)
+    finite = torch.isfinite(log_ev)
+    best = float(log_ev[finite].max()) if bool(finite.any()) else math.nan
+    probs = torch.zeros_like(log_ev)
+    if bool(finite.any()):
+        probs[finite] = torch.softmax(log_ev[finite], 0)
+    table = pd.DataFrame({
+        "log_evidence": log_ev.numpy(),
+        "se": [estimates[label].se for label in labels],
+        "log_bayes_factor": (log_ev - best).numpy(),
+        "probability": probs.numpy(),
+        "structure": [structures[label] for label in labels],
+    }, index=pd.Index(labels, name="structure_label"))
+    table = table.sort_values("log_evidence", ascending=False, na_position="last")
+    table.attrs["estimates"] = dict(estimates)
+    return table

@@ -1,0 +1,268 @@
+"""The SVI fit loop: progress bar, checkpoints with resume, and non-finite loss checks.
+
+A run restarted with the same arguments resumes from its checkpoint (see
+:mod:`pyro_structsel.infer.checkpoint`) and ends with the same result as a
+run never killed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import pyro
+import pyro.optim
+import torch
+from pyro import poutine
+from pyro.distributions import constraints
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from tqdm.auto import tqdm
+
+from ..util.sampling import VectorizationWarning, max_plate_nesting
+from . import distributed
+from ..util.ranks import is_distributed, rank
+from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from .fastpath import NetworkELBO, network_elbo
+from .guides import is_factorised, structure_guides
+
+#: Constraints whose transform maps finite values to finite values (identity, softplus).
+_FINITE_WITH_UNCONSTRAINED = (type(constraints.real), type(constraints.softplus_positive))
+
+
+class FactorisedELBO(TraceMeanField_ELBO):
+    """``TraceMeanField_ELBO`` for fully factorised guides: analytic KL wherever it exists.
+
+    Pyro checks the mean-field condition by asking that model and guide
+    sample their sites in the same order, and warns otherwise. A guide whose
+    sites are all independent (the default guide) meets the condition in any
+    order, so the check is skipped.
+    """
+
+    def _get_trace(self, model: Any, guide: Any, args: Any, kwargs: Any) -> Any:
+        return Trace_ELBO._get_trace(self, model, guide, args, kwargs)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or its gradient became NaN or infinite during a fit."""
+
+
+def _describe_non_finite(model: Callable[..., Any], guide: Callable[..., Any], args: tuple,
+                         kwargs: Mapping[str, Any]) -> str:
+    parts = []
+    bad_params = [name for name, value in pyro.get_param_store().items()
+                  if not bool(torch.isfinite(value).all())]
+    if bad_params:
+        parts.append(f"parameters with non-finite values: {bad_params}")
+    try:
+        with torch.no_grad():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *args, **kwargs)
+        bad_values, bad_densities = [], []
+        for trace in (guide_trace, model_trace):
+            for name, site in trace.nodes.items():
+                if site["type"] != "sample":
+                    continue
+                if not bool(torch.isfinite(site["value"]).all()) and name not in bad_values:
+                    bad_values.append(name)
+                log_prob = site["fn"].log_prob(site["value"])
+                if not bool(torch.isfinite(log_prob).all()) and name not in bad_densities:
+                    bad_densities.append(name)
+        if bad_values:
+            parts.append(f"sites with non-finite values: {bad_values}")
+        if bad_densities:
+            parts.append(f"sites with non-finite log densities: {bad_densities}")
+    except Exception as error:  # noqa: BLE001 -- diagnosis is best effort
+        parts.append(f"re-running the model failed too ({type(error).__name__}: {error})")
+    return "; ".join(parts) or "no site is non-finite on a fresh draw (the gradient overflowed)"
+
+
+def _grads_finite(params: set[torch.Tensor]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    # one fused norm first (a NaN or inf anywhere makes it non-finite); per tensor only if it
+    # alarms, since the norm of huge finite gradients can overflow too
+    if bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+        return True
+    return all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+def _overflowed(unconstrained: Mapping[str, torch.Tensor], constraints: dict[str, Any]
+                ) -> list[str]:
+    """The parameters among ``unconstrained`` (name → tensor) whose value is no longer finite.
+
+    A real or softplus-positive parameter is finite exactly when its
+    unconstrained tensor is, so those are checked together in one fused norm;
+    others (an ``exp`` can overflow a finite value) one by one. ``constraints``
+    caches the store's constraints by name (filled here when a name is new).
+    """
+    store = pyro.get_param_store()
+    names = [name for name in unconstrained if name in store]
+    if any(name not in constraints for name in names):
+        constraints.update(store.get_state()["constraints"])
+    direct = [name for name in names if type(constraints[name]) in _FINITE_WITH_UNCONSTRAINED]
+    if direct and not bool(torch.isfinite(torch.nn.utils.get_total_norm(
+            [unconstrained[name].detach() for name in direct]))):
+        direct = []  # something is off: check them one by one
+    return [name for name in names
+            if name not in direct and not bool(torch.isfinite(store[name]).all())]
+
+
+def _clear_grads(params: Iterable[torch.Tensor]) -> None:
+    """Drop the gradients (``None``, as ``torch.optim`` does: no zero-filled copies)."""
+    for param in params:
+        param.grad = None
+
+
+def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
+        kwargs: Mapping[str, Any] | None = None, *, num_steps: int,
+        optim: pyro.optim.PyroOptim, num_particles: int = 1,
+        vectorize_particles: bool | None = None, progress: bool = True,
+        checkpoint: str | os.PathLike[str] | None = None, checkpoint_every: int = 100,
+        temperature: Callable[[int], float] | None = None,
+        callback: Callable[[int, float], Any] | None = None,
+        description: str = "select_structure", fast: bool = True) -> list[float]:
+    """Run ``num_steps`` SVI steps; returns the loss (−ELBO) of every step.
+
+    The ELBO is :class:`FactorisedELBO` (analytic KL) for a fully factorised
+    guide such as the default one, ``Trace_ELBO`` otherwise. With ``fast``
+    (default) a :class:`~pyro_structsel.NetworkModel` with the default guide
+    runs on :class:`~pyro_structsel.infer.fastpath.NetworkELBO` instead: the same
+    objective and parameters computed directly in torch, several times faster
+    per step; ``fast=False`` keeps Pyro's stock ELBO.
+
+    Call it inside the parameter store scope of the fit. With ``checkpoint``
+    the state is saved every ``checkpoint_every`` steps and at the end, and an
+    existing checkpoint is resumed. ``temperature(step)`` anneals Concrete
+    guides. A non-finite loss or gradient raises :class:`NonFiniteLossError`
+    naming the step and the sites before the update; parameters that overflow
+    in an update raise it after, before any checkpoint. Either way the last
+    checkpoint is the last good state.
+
+    Under a ``torch.distributed`` process group (see
+    :mod:`pyro_structsel.infer.distributed`) the fit is data-parallel: rank 0's
+    initial parameters are broadcast, each rank gets its own particle noise,
+    the gradients and the loss are averaged over the ranks before every
+    step, and only rank 0 shows the bar and writes the checkpoint (which
+    holds every rank's RNG state).
+    """
+    kwargs = dict(kwargs or {})
+    nesting = max_plate_nesting(model, args, kwargs)
+    sharded = is_distributed()
+    with poutine.block(), torch.no_grad():  # create the guide's parameters
+        poutine.trace(guide).get_trace(*args, **kwargs)
+        if sharded:  # and the model's, so that rank 0 can send them all
+            poutine.trace(model).get_trace(*args, **kwargs)
+    if sharded:  # one q on every rank, own particle noise per rank
+        distributed.broadcast_parameters()
+        distributed.seed_ranks()
+    vectorize = num_particles > 1 and vectorize_particles is not False
+    if vectorize and vectorize_particles is None:
+        try:
+            with poutine.block(), torch.no_grad():
+                Trace_ELBO(num_particles=num_particles, vectorize_particles=True,
+                           max_plate_nesting=nesting).loss(model, guide, *args, **kwargs)
+        except Exception as error:  # noqa: BLE001
+            vectorize = False
+            warnings.warn(f"The model is not safe for vectorised particles "
+                          f"({type(error).__name__}: {error}); looping over particles.",
+                          VectorizationWarning, stacklevel=3)
+    elbo = (network_elbo(model, guide, num_particles=num_particles,
+                         vectorize_particles=vectorize) if fast else None)
+    if elbo is None:  # not a NetworkModel with the default guide, or fast=False: stock Pyro
+        elbo_class = FactorisedELBO if is_factorised(guide) else Trace_ELBO
+        elbo = elbo_class(num_particles=num_particles, vectorize_particles=vectorize,
+                          max_plate_nesting=nesting)
+    losses: list[float] = []
+    start = 0
+    state = (distributed.load_shared(load_checkpoint, os.fspath(checkpoint))
+             if checkpoint is not None else None)
+    if state is not None:
+        if state["step"] > num_steps:
+            raise ValueError(f"The checkpoint {os.fspath(checkpoint)!r} is at step "
+                             f"{state['step']}, past num_steps={num_steps}.")
+        pyro.get_param_store().set_state(state["params"])
+        # PyroModules (autoguides, learnable priors) re-read the store only when called:
+        # call them once, or attributes read outside a call (guide.posterior(), AutoNormal
+        # locs) keep the pre-resume values when no step is left to run
+        with poutine.block(), torch.no_grad():
+            poutine.trace(guide).get_trace(*args, **kwargs)
+            poutine.trace(model).get_trace(*args, **kwargs)
+        optim.set_state(state["optim"])
+        distributed.restore_rng_state(state, os.fspath(checkpoint))  # type: ignore[arg-type]
+        losses, start = list(state["losses"]), int(state["step"])
+
+    def save(step: int) -> None:
+        ranks = distributed.gather_rng_states()  # every rank's RNG; {} in one process
+
+        def write() -> None:
+            if rank() == 0:
+                save_checkpoint(checkpoint, {  # type: ignore[arg-type]
+                    "format": CHECKPOINT_FORMAT, "step": step, "losses": losses,
+                    "params": pyro.get_param_store().get_state(), "optim": optim.get_state(),
+                    "rng": pyro.util.get_rng_state(), **ranks})
+
+        distributed.on_every_rank(write, f"writing the checkpoint of step {step}")
+
+    def loss_and_grads() -> tuple[float, dict[str, torch.Tensor]]:
+        """One −ELBO estimate with its gradients; the parameters it read, by name."""
+        if isinstance(elbo, NetworkELBO):  # reads the store itself and names what it read
+            return elbo.loss_and_grads(model, guide, *args, **kwargs), elbo.parameters_read()
+        with poutine.trace(param_only=True) as capture:
+            value = elbo.loss_and_grads(model, guide, *args, **kwargs)
+        return value, {name: site["value"].unconstrained()
+                       for name, site in capture.trace.nodes.items()}
+
+    constraints: dict[str, Any] = {}  # of the parameters, by name: fixed during a fit
+    bar = tqdm(total=num_steps, initial=start, desc=description,
+               disable=not progress or rank() != 0, mininterval=0.5, leave=False)
+    try:
+        for step in range(start, num_steps):
+            if temperature is not None:
+                for part in structure_guides(guide):
+                    part.temperature = float(temperature(step))
+            # an exception on one rank (bad shard, model error) stops every rank
+            loss, unconstrained = distributed.on_every_rank(loss_and_grads, f"at step {step}")
+            if sharded:  # mean over the ranks; a non-finite value on one rank reaches all
+                loss = distributed.all_reduce_gradients(unconstrained, loss)
+            params = set(unconstrained.values())
+            if not math.isfinite(loss) or not _grads_finite(params):
+                bad_grads = [name for name, tensor in unconstrained.items()
+                             if not _grads_finite({tensor})]
+                _clear_grads(params)
+                what = "loss" if not math.isfinite(loss) else "gradient"
+                raise NonFiniteLossError(
+                    f"The {what} became non-finite at step {step} (loss={loss}): "
+                    + (f"parameters with non-finite gradients: {bad_grads}; " if bad_grads else "")
+                    + f"{_describe_non_finite(model, guide, args, kwargs)}. Lower the learning "
+                    "rate, rescale the data or narrow the priors"
+                    + (f"; the checkpoint {os.fspath(checkpoint)!r} keeps the last good state."
+                       if checkpoint is not None else "."))
+            optim(params)
+            _clear_grads(params)
+            # a finite gradient can still overflow a parameter
+            overflowed = _overflowed(unconstrained, constraints)
+            if overflowed:
+                raise NonFiniteLossError(
+                    f"The update of step {step} (loss={loss}) made the parameters {overflowed} "
+                    "non-finite. Lower the learning rate, rescale the data or narrow the priors"
+                    + (f"; the checkpoint {os.fspath(checkpoint)!r} keeps the last good state."
+                       if checkpoint is not None else "."))
+            losses.append(float(loss))
+            if callback is not None:
+                distributed.on_every_rank(lambda: callback(step, float(loss)),
+                                          f"in the callback of step {step}")
+            if checkpoint is not None and ((step + 1) % checkpoint_every == 0
+                                           or step + 1 == num_steps):
+                save(step + 1)
+            bar.update(1)
+            if progress and (step % 10 == 0 or step + 1 == num_steps):
+                recent = losses[-50:]
+                bar.set_postfix(elbo=f"{-sum(recent) / len(recent):.4g}")
+    finally:
+        bar.close()
+    return losses
