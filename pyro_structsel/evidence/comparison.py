@@ -21,7 +21,6 @@ import pyro
 import pyro.optim
 import torch
 from pyro import poutine
-from tqdm.auto import tqdm
 
 from ..infer.guides import build_guide
 from ..infer.scope import clone_param_state, model_sites_and_params, module_params_kept
@@ -30,6 +29,7 @@ from ..model.fix_messenger import fix_structure
 from ..model.network import NetworkModel
 from ..model.sites import StructuralSite, check_structure
 from ..util.options import parse_option
+from ..util.progress import progress_bar
 from ..util.sampling import trace_model
 from ..util.validation import check_inputs
 from .crossval import CROSS_VALIDATION, cross_validation
@@ -195,8 +195,8 @@ def compare_structures(
         method_enum is EvidenceMethod.LAPLACE else None
     estimates: dict[str, Estimate] = {}
     with module_params_kept(model):
-        for structure in tqdm(chosen, desc="compare_structures", disable=not progress,
-                              leave=False):
+        for structure in progress_bar(chosen, desc="compare_structures", enabled=progress,
+                                      unit="structures"):
             estimates[structure_label(structure)] = _score_structure(
                 model, structure, args, kwargs, eval_kwargs, method_enum, guide=guide,
                 model_params=model_params, num_steps=num_steps,

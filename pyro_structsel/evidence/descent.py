@@ -83,6 +83,7 @@ from torch.distributions import biject_to
 from torch.func import grad_and_value, vjp, vmap
 
 from ..util.options import parse_option
+from ..util.progress import progress_bar
 from ..util.sampling import VectorizationWarning, draw, trace_model
 from ..util.stacklevel import find_stack_level
 from .estimate import Estimate
@@ -517,10 +518,7 @@ def gradient_descent_evidence(
         beta = AUTO_RHO / top
 
     steps = range(num_steps + 1)
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc="gradient_descent_evidence")
+    steps = progress_bar(steps, desc="gradient_descent_evidence", enabled=progress)
     log_joint = torch.empty(num, num_steps + 1, dtype=torch.float64)
     log_lik = torch.empty(num, num_steps + 1, dtype=torch.float64)
     lam_max = torch.empty(num, num_steps + 1, dtype=torch.float64)

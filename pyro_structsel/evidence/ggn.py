@@ -64,6 +64,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vjp, vmap
 
 from ..model.family import derive_network
+from ..model.network import NetworkModel
 from ..model.sites import StructuralSite, check_structure
 from ..util.options import Likelihood, parse_option
 from ..util.stacklevel import find_stack_level
@@ -371,8 +372,6 @@ def ggn_laplace(model: Any, *args: Any, structure: Mapping[str, str | int] | Non
     >>> ggn_laplace(model, x, y, structure={"layer1": "relu", "layer2": "tanh"},
     ...             hessian_structure="kron").value
     """
-    from ..model.network import NetworkModel
-
     kind = parse_option(HessianStructure, hessian_structure, "hessian_structure")
     if not isinstance(model, NetworkModel):
         raise ValueError(f"ggn_laplace needs a NetworkModel, but got {type(model).__name__}; "

@@ -58,7 +58,6 @@ from pyro.infer import Trace_ELBO
 from pyro.params import user_param_name
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import transform_to
-from tqdm.auto import tqdm
 
 from ..evidence.crossval import (
     kfold_indices,
@@ -71,6 +70,7 @@ from ..infer.scope import clone_param_state, module_params_kept
 from ..infer.svi import FactorisedELBO
 from ..model.network import NetworkModel
 from ..model.sites import base_distribution, structural_sites
+from ..util.progress import progress_bar
 from ..util.sampling import max_plate_nesting, trace_model
 from ..util.validation import check_inputs
 from .hypergradients import greedy, implicit, joint, unrolled
@@ -856,8 +856,8 @@ def optimize_hyperparameters(
         adam.step()
 
     values, objective, grads, path, diagnostics = [constrained(u)], [], [], [u.detach().clone()], []
-    bar = tqdm(range(num_outer_steps), desc=f"optimize_hyperparameters[{method}]",
-               disable=not progress, leave=False)
+    bar = progress_bar(range(num_outer_steps), desc=f"optimize_hyperparameters[{method}]",
+                       enabled=progress, unit="outer steps")
     theta = full.theta0.clone()
     try:
         for outer in bar:

@@ -73,9 +73,9 @@ from torch.func import functional_call
 
 from ..model.bayesian import batched_call
 from ..model.network import NetworkModel
+from ..model.plate import data_rows
 from ..model.sites import ExpRelaxedCategorical, is_log_simplex, structural_prior
 from ..util.options import Likelihood
-from ..model.plate import data_rows
 from .guides import AutoMeanFieldNormal, AutoStructure
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)

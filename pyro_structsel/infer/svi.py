@@ -19,11 +19,11 @@ import torch
 from pyro import poutine
 from pyro.distributions import constraints
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
-from tqdm.auto import tqdm
 
+from ..util.progress import progress_bar
+from ..util.ranks import is_distributed, rank
 from ..util.sampling import VectorizationWarning, max_plate_nesting
 from . import distributed
-from ..util.ranks import is_distributed, rank
 from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from .fastpath import NetworkELBO, network_elbo
 from .guides import is_factorised, structure_guides
@@ -218,8 +218,8 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
                        for name, site in capture.trace.nodes.items()}
 
     constraints: dict[str, Any] = {}  # of the parameters, by name: fixed during a fit
-    bar = tqdm(total=num_steps, initial=start, desc=description,
-               disable=not progress or rank() != 0, mininterval=0.5, leave=False)
+    bar = progress_bar(total=num_steps, initial=start, desc=description,
+                       enabled=progress and rank() == 0)
     try:
         for step in range(start, num_steps):
             if temperature is not None:

@@ -31,6 +31,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import relaxed_categorical as _torch_relaxed
 
 from ..util.options import Prior, parse_option
+from ..util.sampling import trace_model
 
 #: Key in a sample site's ``infer`` dict that holds the option labels.
 OPTIONS_KEY = "structsel_options"
@@ -301,8 +302,6 @@ def check_structure(structure: Any, sites: Mapping[str, StructuralSite]
 def find_structural_sites(model: Callable[..., Any], *args: Any, **kwargs: Any
                           ) -> dict[str, StructuralSite]:
     """Trace ``model(*args, **kwargs)`` once and return its structural sites."""
-    from ..util.sampling import trace_model
-
     return structural_sites(trace_model(model, args, kwargs))
 
 

@@ -51,6 +51,7 @@ from pyro.poutine.messenger import Messenger
 from torch import nn
 
 from ..util.sampling import Draws, draw, max_plate_nesting, trace_model
+from ..util.version import VERSION
 from .diagnostics import diagnose_draws
 
 if TYPE_CHECKING:
@@ -272,8 +273,6 @@ class _InferenceDataConverter:
         return group
 
     def _attrs(self, draws: Draws, diagnostics: Any) -> dict[str, Any]:
-        from ..util.version import VERSION
-
         result = self.result
         attrs: dict[str, Any] = {
             "inference_library": "pyro",

@@ -18,6 +18,7 @@ import torch
 
 from ..infer.convergence import elbo_convergence
 from ..util.sampling import draw_guide, max_plate_nesting
+from .inference_data import prior_draws
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -266,8 +267,6 @@ def _prior_gamma(data: Any, site: str, num_samples: int) -> np.ndarray | None:
             return None
         array = data.prior[site]
         return array.values.reshape((-1,) + array.shape[2:])
-    from .inference_data import prior_draws  # the prior pass of the export
-
     result = data
     with result.param_scope(), torch.no_grad():
         drawn = prior_draws(result.model, result.args, result.kwargs, [site], num_samples,

@@ -22,6 +22,8 @@ from ..evidence.estimate import Estimate
 from ..infer.scope import module_params_kept
 from ..model.fix_messenger import fix_structure
 from ..model.sites import StructuralSite
+from ..report.diagnostics import diagnose
+from ..report.inference_data import to_inference_data
 from ..util.sampling import draw_guide, max_plate_nesting, trace_model
 
 
@@ -168,14 +170,10 @@ class SelectionResult:
 
     def diagnose(self, **kwargs: Any) -> Any:
         """PSIS k-hat of q and ELBO convergence (see :func:`pyro_structsel.diagnose`)."""
-        from ..report.diagnostics import diagnose
-
         return diagnose(self, **kwargs)
 
     def to_inference_data(self, **kwargs: Any) -> Any:
         """Export to ArviZ ``InferenceData`` (see :func:`pyro_structsel.to_inference_data`)."""
-        from ..report.inference_data import to_inference_data
-
         return to_inference_data(self, **kwargs)
 
     def __repr__(self) -> str:
