@@ -32,37 +32,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import pyro_structsel as ps  # noqa: E402
-from pyro_structsel.model.family import activation  # noqa: E402
 from test_recovery import (  # noqa: E402
     CANDIDATES, TEACHER_LABELS, Teacher, expected_structure, recover)
 
 
 @dataclass(frozen=True)
-class TwoLayerTeacher:
-    """``y = V σ2(W2 σ1(W1 x + b1) + b2) + ε``; the student is ``ps.two_hidden_layer``."""
+class TwoLayerTeacher(Teacher):
+    """``y = V σ2(W2 σ1(W1 x + b1)) + ε``; the student is ``ps.two_hidden_layer``."""
 
     num_data: int = 300
-    in_features: int = 2
-    teacher_hidden: int = 4
-    student_hidden: int = 8
-    x_scale: float = 2.0
-    preactivation_std: float = 2.5
-    noise: float = 0.1
     shared_weights: bool = True
-
-    def data(self, seed: int, labels: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(2000 + seed)
-        x = self.x_scale * torch.randn(self.num_data, self.in_features, generator=g)
-        w1 = torch.randn(self.in_features, self.teacher_hidden, generator=g).abs() + 0.5
-        b1 = 0.5 * torch.randn(self.teacher_hidden, generator=g)
-        h = activation(labels[0])(x @ w1 + b1)
-        w2 = torch.randn(self.teacher_hidden, self.teacher_hidden, generator=g)
-        z = h @ w2
-        # centre and scale the second pre-activations so that σ2 works in its nonlinear range
-        z = self.preactivation_std * (z - z.mean(0)) / z.std(0)
-        v = torch.randn(self.teacher_hidden, generator=g).abs() + 0.5
-        f = activation(labels[1])(z) @ v
-        return x, f + self.noise * torch.randn(self.num_data, generator=g)
 
     def model(self, prior: str) -> ps.NetworkModel:
         family = ps.two_hidden_layer(self.in_features, 1,
@@ -97,7 +76,7 @@ def main() -> None:
     parser.add_argument("--temperature", default=None, help="T or T0,T1 (annealed)")
     parser.add_argument("--num-data", type=int, default=Teacher.num_data)
     parser.add_argument("--student-hidden", type=int, default=Teacher.student_hidden)
-    parser.add_argument("--teacher-hidden", type=int, default=Teacher.teacher_hidden)
+    parser.add_argument("--teacher-hidden", type=int, default=Teacher.hidden)
     parser.add_argument("--w-positive", type=int, default=int(Teacher.w_positive))
     parser.add_argument("--w-scale", type=float, default=Teacher.w_scale)
     parser.add_argument("--output-std", type=float, default=Teacher.output_std)
@@ -109,9 +88,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.init_scale is not None or args.init_concentration is not None:
-        import pyro_structsel.selection as selection
+        import pyro_structsel.infer.guides as guides
 
-        original = selection.default_guide
+        original = guides.default_guide
 
         def patched(*a, **k):
             if args.init_scale is not None:
@@ -120,13 +99,13 @@ def main() -> None:
                 k["init_concentration"] = args.init_concentration
             return original(*a, **k)
 
-        selection.default_guide = patched
+        guides.default_guide = patched
     temperature = None
     if args.temperature:
         values = [float(v) for v in args.temperature.split(",")]
         temperature = values[0] if len(values) == 1 else (values[0], values[1])
     one_layer = Teacher(num_data=args.num_data, student_hidden=args.student_hidden,
-                        teacher_hidden=args.teacher_hidden, w_positive=bool(args.w_positive),
+                        hidden=args.teacher_hidden, w_positive=bool(args.w_positive),
                         w_scale=args.w_scale, output_std=args.output_std, x_scale=args.x_scale)
     teacher = (TwoLayerTeacher(student_hidden=args.student_hidden,
                                shared_weights=not args.separate_weights)

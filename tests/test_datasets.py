@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import pyro_structsel as ps
 from pyro_structsel.datasets import Dataset, load_digits
 
 
@@ -60,3 +61,23 @@ def test_subsample_keeps_every_class(size: int) -> None:
 def test_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         load_digits(**kwargs)
+
+
+def test_teacher_network_is_seeded_and_sized():
+    teacher = ps.datasets.TeacherNetwork(num_data=50, in_features=3)
+    x, y = teacher.sample("tanh", seed=4)
+    assert x.shape == (50, 3) and y.shape == (50,)
+    again = teacher.sample("tanh", seed=4)
+    assert torch.equal(x, again[0]) and torch.equal(y, again[1])
+    assert not torch.equal(y, teacher.sample("relu", seed=4)[1])
+    x2, y2 = teacher.sample(("relu", "tanh"), seed=4)
+    assert x2.shape == (50, 3) and y2.shape == (50,)
+
+
+@pytest.mark.parametrize("activations, match", [
+    (("relu", "tanh", "identity"), "one activation or two"),
+    ((), "one activation or two"),
+])
+def test_teacher_network_refuses_bad_activations(activations, match):
+    with pytest.raises(ValueError, match=match):
+        ps.datasets.TeacherNetwork().sample(activations, seed=0)

@@ -40,7 +40,7 @@ import pyro
 import torch
 
 import pyro_structsel as ps
-from pyro_structsel.model.family import activation
+from pyro_structsel.datasets import TeacherNetwork
 
 CANDIDATES = ("relu", "tanh", "sigmoid", "identity")
 TEACHER_LABELS = ("relu", "tanh", "identity")
@@ -49,34 +49,14 @@ REQUIRED = 9
 
 
 @dataclass(frozen=True)
-class Teacher:
-    """Sizes and scales of the synthetic teacher and of the student fit."""
+class Teacher(TeacherNetwork):
+    """The synthetic teacher (:class:`pyro_structsel.datasets.TeacherNetwork`) and its student."""
 
-    num_data: int = 200
-    in_features: int = 2
-    teacher_hidden: int = 4
     student_hidden: int = 8
-    x_scale: float = 2.0
-    w_scale: float = 1.0
-    w_positive: bool = True
-    output_std: float = 0.0
-    b_scale: float = 0.5
-    noise: float = 0.1
 
-    def data(self, seed: int, label: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def data(self, seed: int, label: str | tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, y)`` from a teacher with activation ``label`` (its own generator)."""
-        g = torch.Generator().manual_seed(1000 + seed)
-        x = self.x_scale * torch.randn(self.num_data, self.in_features, generator=g)
-        w = torch.randn(self.in_features, self.teacher_hidden, generator=g)
-        if self.w_positive:  # directions within a quadrant: the units do not cancel out
-            w = w.abs() + 0.5
-        w = self.w_scale * w
-        b = self.b_scale * torch.randn(self.teacher_hidden, generator=g)
-        v = torch.randn(self.teacher_hidden, generator=g).abs() + 0.5
-        f = activation(label)(x @ w + b) @ v
-        if self.output_std:  # rescale the signal (off by default)
-            f = f * (self.output_std / f.std())
-        return x, f + self.noise * torch.randn(self.num_data, generator=g)
+        return self.sample(label, seed)
 
     def model(self, prior: str) -> ps.NetworkModel:
         family = ps.one_hidden_layer(self.in_features, 1, hidden=self.student_hidden,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-TUTORIALS = sorted((TESTS.parent / "tutorials").glob("*.py"))
+TUTORIALS = sorted((TESTS.parent / "tutorials").glob("[0-9][0-9]_*.py"))  # not the shared setup
 # tutorials with a test file of their own (tests/test_tutorial_NN.py) are run there only
 GENERIC = [p for p in TUTORIALS if not (TESTS / f"test_tutorial_{p.name[:2]}.py").exists()]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

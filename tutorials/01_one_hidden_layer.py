@@ -33,14 +33,9 @@ The figures go to ``--out``, else ``$STRUCTSEL_TUTORIAL_OUT``, else
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # write files, never open windows
+from tutorial_setup import tutorial_settings  # first: figures go to files
 
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
@@ -53,16 +48,9 @@ import pyro_structsel as ps  # noqa: E402
 # `smoke_test` is the quick mode the test-suite runs (Pyro's convention:
 # the `CI` environment variable, or `--quick`): fewer SVI steps, same code.
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--quick", action="store_true", help="few steps (also when CI is set)")
-parser.add_argument("--out", type=Path, default=None, help="directory for the figures")
-args = parser.parse_args()
-
-smoke_test = "CI" in os.environ or args.quick
+settings = tutorial_settings(__doc__)
+smoke_test, out_dir = settings.quick, settings.out
 num_steps = 400 if smoke_test else 2500
-out_dir = args.out or Path(os.environ.get("STRUCTSEL_TUTORIAL_OUT", "tutorial-out"))
-out_dir.mkdir(parents=True, exist_ok=True)
-torch.set_num_threads(1)  # tiny networks: threads only add overhead
 
 # %% [markdown]
 # ## 1. Data from a teacher whose answer we know

@@ -38,14 +38,9 @@ The figures go to ``--out``, else ``$STRUCTSEL_TUTORIAL_OUT``, else
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # write files, never open windows
+from tutorial_setup import tutorial_settings  # first: figures go to files
 
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
@@ -61,18 +56,13 @@ from pyro_structsel.evidence.exact import blr_log_evidence, blr_posterior, polyn
 # The hyperparameters are Bishop's: prior precision α = 5·10⁻³ (a broad
 # prior on the weights) and the true noise precision β = 1/0.3² ≈ 11.1.
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--quick", action="store_true", help="few data sets (also when CI is set)")
-parser.add_argument("--out", type=Path, default=None, help="directory for the figures")
-parser.add_argument("--datasets", type=int, default=None,
-                    help="random data sets per N (default 200, quick mode 8)")
-args = parser.parse_args()
-
-smoke_test = "CI" in os.environ or args.quick
-num_datasets = args.datasets or (8 if smoke_test else 200)
-out_dir = args.out or Path(os.environ.get("STRUCTSEL_TUTORIAL_OUT", "tutorial-out"))
-out_dir.mkdir(parents=True, exist_ok=True)
-torch.set_num_threads(1)  # 10×10 matrices: threads only add overhead
+settings = tutorial_settings(
+    __doc__, quick_help="few data sets (also when CI is set)",
+    arguments=lambda parser: parser.add_argument(
+        "--datasets", type=int, default=None,
+        help="random data sets per N (default 200, quick mode 8)"))
+smoke_test, out_dir = settings.quick, settings.out
+num_datasets = settings.datasets or (8 if smoke_test else 200)
 
 sizes = (10, 25, 100)  # N, the number of points of a data set
 degrees = list(range(10))  # M = 0 … 9

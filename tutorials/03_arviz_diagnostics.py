@@ -18,15 +18,9 @@ numbers are rough and its diagnostics (rightly) warn.
 
 from __future__ import annotations
 
-import os
-import sys
-import tempfile
 import warnings
-from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
+from tutorial_setup import tutorial_settings  # first: figures go to files
 
 import arviz as az  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
@@ -34,11 +28,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pyro_structsel as ps  # noqa: E402
 from pyro_structsel.datasets import load_digits  # noqa: E402
 
-QUICK = "CI" in os.environ or "--quick" in sys.argv
-OUT = Path(sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else
-           os.environ.get("STRUCTSEL_TUTORIAL_OUT") or
-           tempfile.mkdtemp(prefix="structsel_tutorial03_"))
-OUT.mkdir(parents=True, exist_ok=True)
+settings = tutorial_settings(__doc__)
+QUICK, OUT = settings.quick, settings.out
 STEPS = 20 if QUICK else 1500
 SAMPLES = 60 if QUICK else 500
 BATCH = 50 if QUICK else 128

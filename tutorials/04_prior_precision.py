@@ -44,15 +44,10 @@ The figure goes to ``--out``, else ``$STRUCTSEL_TUTORIAL_OUT``, else
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import time
-from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # write files, never open windows
+from tutorial_setup import tutorial_settings  # first: figures go to files
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
@@ -70,17 +65,10 @@ import pyro_structsel as ps  # noqa: E402
 # `smoke_test` is the quick mode the test-suite runs (the `CI` environment
 # variable, or `--quick`): fewer outer and inner steps, same code.
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--quick", action="store_true", help="few steps (also when CI is set)")
-parser.add_argument("--out", type=Path, default=None, help="directory for the figure")
-args = parser.parse_args()
-
-smoke_test = "CI" in os.environ or args.quick
+settings = tutorial_settings(__doc__)
+smoke_test, out_dir = settings.quick, settings.out
 num_outer = 16 if smoke_test else 50  # Adam steps on log alpha
 num_inner = 50 if smoke_test else 100  # eta: SGD steps on theta per outer step
-out_dir = args.out or Path(os.environ.get("STRUCTSEL_TUTORIAL_OUT", "tutorial-out"))
-out_dir.mkdir(parents=True, exist_ok=True)
-torch.set_num_threads(1)  # 20 variational parameters: threads only add overhead
 dtype = torch.float64  # hypergradients in double precision
 
 # %% [markdown]

@@ -40,13 +40,7 @@ The figure goes to ``--out``, else ``$STRUCTSEL_TUTORIAL_OUT``, else
 
 from __future__ import annotations
 
-import argparse
-import os
-from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")  # write files, never open windows
+from tutorial_setup import tutorial_settings  # first: figures go to files
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
@@ -63,18 +57,11 @@ from pyro_structsel.evidence.descent import gradient_descent_evidence  # noqa: E
 # `smoke_test` is the quick mode the test-suite runs (the `CI` environment
 # variable, or `--quick`): fewer steps, restarts and probes, same code.
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--quick", action="store_true", help="few steps (also when CI is set)")
-parser.add_argument("--out", type=Path, default=None, help="directory for the figure")
-args = parser.parse_args()
-
-smoke_test = "CI" in os.environ or args.quick
+settings = tutorial_settings(__doc__)
+smoke_test, out_dir = settings.quick, settings.out
 num_steps = 200 if smoke_test else 600
 num_restarts = 12
 num_probes = 3 if smoke_test else 10
-out_dir = args.out or Path(os.environ.get("STRUCTSEL_TUTORIAL_OUT", "tutorial-out"))
-out_dir.mkdir(parents=True, exist_ok=True)
-torch.set_num_threads(1)  # a tiny network: threads only add overhead
 
 # %% [markdown]
 # ## 1. Few data, many weights
