@@ -17,9 +17,8 @@ UCI Machine Learning Repository, 1998.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch

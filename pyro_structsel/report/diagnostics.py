@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -31,9 +31,7 @@ from ..evidence.estimate import Estimate
 from ..evidence.psis import KHAT_THRESHOLD, psis_khat
 from ..infer.convergence import Convergence, elbo_convergence
 from ..util.sampling import draw
-
-if TYPE_CHECKING:
-    from ..selection.result import SelectionResult
+from .fitted import FittedSelection
 
 
 @dataclass(frozen=True)
@@ -83,7 +81,7 @@ def diagnose_draws(log_weights: torch.Tensor, losses: Sequence[float], *, warn: 
                           elbo_convergence(losses, warn=warn, **convergence))
 
 
-def diagnose(result: SelectionResult, *, num_samples: int = 1000, warn: bool = True,
+def diagnose(result: FittedSelection, *, num_samples: int = 1000, warn: bool = True,
              window: float = 0.2, tol: float = 0.01, chunk_size: int | None = None,
              vectorize: bool | None = None) -> FitDiagnostics:
     r"""Diagnose a fit: PSIS :math:`\hat k` of :math:`q` and convergence of the ELBO.

@@ -53,11 +53,11 @@ from torch import nn
 from ..util.sampling import Draws, draw, max_plate_nesting, trace_model
 from ..util.version import VERSION
 from .diagnostics import diagnose_draws
+from .fitted import FittedSelection
 
 if TYPE_CHECKING:
     import arviz
 
-    from ..selection.result import SelectionResult
 
 _PRIOR_PLATE = "_structsel_prior_draws"
 
@@ -179,7 +179,7 @@ def _safe_key(key: str) -> str:
 class _InferenceDataConverter:
     """Builds the groups of the ``InferenceData`` of one fit; see :func:`to_inference_data`."""
 
-    def __init__(self, result: SelectionResult, *, num_samples: int, include_weights: bool,
+    def __init__(self, result: FittedSelection, *, num_samples: int, include_weights: bool,
                  num_prior_samples: int, model_kwargs: Mapping[str, Any] | None,
                  chunk_size: int | None, vectorize: bool | None, warn: bool) -> None:
         self.result = result
@@ -351,7 +351,7 @@ class _InferenceDataConverter:
         return idata
 
 
-def to_inference_data(result: SelectionResult, *, num_samples: int = 1000,
+def to_inference_data(result: FittedSelection, *, num_samples: int = 1000,
                       include_weights: bool = False, num_prior_samples: int | None = None,
                       model_kwargs: Mapping[str, Any] | None = None,
                       chunk_size: int | None = None, vectorize: bool | None = None,

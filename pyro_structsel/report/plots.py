@@ -18,13 +18,13 @@ import torch
 
 from ..infer.convergence import elbo_convergence
 from ..util.sampling import draw_guide, max_plate_nesting
+from .fitted import FittedSelection
 from .inference_data import prior_draws
 
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.axes import Axes
 
-    from ..selection.result import SelectionResult
 
 _POSTERIOR = "C0"
 _PRIOR = "0.6"
@@ -83,7 +83,7 @@ def _chosen(data: Any, name: str, labels: list[str], probs: np.ndarray) -> int:
     return int(np.argmax(probs))
 
 
-def plot_structure_posterior(data: SelectionResult | Any, *, sites: Sequence[str] | None = None,
+def plot_structure_posterior(data: FittedSelection | Any, *, sites: Sequence[str] | None = None,
                              interval: float = 0.9, num_samples: int = 1000,
                              ax: Axes | Sequence[Axes] | None = None,
                              path: str | os.PathLike[str] | None = None) -> Any:
@@ -179,7 +179,7 @@ def _ternary(gamma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return points[:, 0], points[:, 1]
 
 
-def plot_simplex(data: SelectionResult | Any, site: str | None = None, *,
+def plot_simplex(data: FittedSelection | Any, site: str | None = None, *,
                  num_samples: int = 1000, prior: bool = True, ax: Axes | None = None,
                  path: str | os.PathLike[str] | None = None) -> Axes:
     r"""Ternary scatter of the draws of a structural site with three options.
@@ -285,7 +285,7 @@ def _losses(data: Any) -> np.ndarray:
     return np.asarray(data, dtype=float).reshape(-1)
 
 
-def plot_elbo(data: SelectionResult | Any, *, window: float = 0.2, smooth: int | None = None,
+def plot_elbo(data: FittedSelection | Any, *, window: float = 0.2, smooth: int | None = None,
               ax: Axes | None = None, path: str | os.PathLike[str] | None = None) -> Axes:
     """The loss (−ELBO) at every SVI step, with a running mean and the convergence check.
 
