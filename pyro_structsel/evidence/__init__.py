@@ -1,4 +1,4 @@
-"""Scoring a fit or a structure: evidence estimators, exact forms, cross-validation, comparison, complexities."""
+"""Scoring: evidence estimators, exact forms, cross-validation, comparison, complexities."""
 
 from __future__ import annotations
 

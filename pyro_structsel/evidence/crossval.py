@@ -118,6 +118,7 @@ def kfold_indices(num_data: int, folds: int | Sequence[Any] = 5, *, seed: int | 
 
 
 def training_index(num_data: int, test: torch.Tensor) -> torch.Tensor:
+    """The rows of ``range(num_data)`` that are not in ``test``, in order."""
     mask = torch.ones(num_data, dtype=torch.bool)
     mask[test] = False
     return mask.nonzero().squeeze(-1)
@@ -211,7 +212,9 @@ def num_data_rows(args: tuple, kwargs: Mapping[str, Any]) -> int:
 
 
 def subset_rows(args: tuple, kwargs: Mapping[str, Any], index: torch.Tensor
-            ) -> tuple[tuple, dict[str, Any]]:
+                ) -> tuple[tuple, dict[str, Any]]:
+    """The rows ``index`` of every tensor argument with dim ≥ 1 (others pass as they are)."""
+
     def take(value: Any) -> Any:
         if torch.is_tensor(value) and value.dim() >= 1:
             return value.index_select(0, index.to(value.device))

@@ -47,6 +47,7 @@ EXACT = "exact"
 
 
 def as_feature_matrix(features: Any) -> torch.Tensor:
+    """The design matrix Φ as float64, checked: real, 2-D, at least one column, finite."""
     phi = torch.as_tensor(features)
     if phi.dtype == torch.bool or phi.is_complex():
         raise ValueError(f"Expected features to be a real matrix, but got dtype {phi.dtype}.")
@@ -62,6 +63,7 @@ def as_feature_matrix(features: Any) -> torch.Tensor:
 
 
 def as_targets(targets: Any, num_data: int) -> torch.Tensor:
+    """The targets t as a float64 vector of ``num_data`` finite reals, checked."""
     t = torch.as_tensor(targets)
     if t.dtype == torch.bool or t.is_complex():
         raise ValueError(f"Expected targets to be real numbers, but got dtype {t.dtype}.")
@@ -162,8 +164,12 @@ def blr_posterior(features: Any, targets: Any, *, prior_precision: Any,
     return posterior_from_tensors(phi, t, alpha, beta)
 
 
-def posterior_from_tensors(phi: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor, beta: float
-               ) -> BLRPosterior:
+def posterior_from_tensors(phi: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor,
+                           beta: float) -> BLRPosterior:
+    r""":func:`blr_posterior` of already checked float64 tensors (PRML eqs. 3.53-3.54).
+
+    :math:`A = \mathrm{diag}(\alpha) + \beta \Phi^\top\Phi`, :math:`m_N = \beta A^{-1}\Phi^\top t`.
+    """
     precision = torch.diag(alpha) + beta * (phi.T @ phi)
     chol, info = torch.linalg.cholesky_ex(precision)
     if int(info) != 0:

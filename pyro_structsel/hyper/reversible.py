@@ -207,6 +207,7 @@ def _check_momentum(momentum: torch.Tensor) -> torch.Tensor:
 
 
 def check_vector(value: torch.Tensor, name: str) -> torch.Tensor:
+    """``value`` if a finite, floating, flat 1-D tensor; else a ValueError naming ``name``."""
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor (one flat 1-D vector); got "
                          f"{type(value).__name__}.")

@@ -250,6 +250,12 @@ def structure_guides(guide: Any) -> list[AutoStructure]:
 def build_guide(model: Callable[..., Any], guide: Any, sites: Mapping[str, StructuralSite],
                  args: tuple, kwargs: Mapping[str, Any], temperature: float | None
                  ) -> Callable[..., Any]:
+    """The guide a fit uses: ``guide`` itself if it is a callable, else :func:`default_guide`.
+
+    ``None`` or an ``AutoGuide`` class (which then replaces ``AutoNormal`` for
+    the weights) builds the default guide for the structural ``sites``; the
+    model's ``initial_values()``, where it has one, starts the weight means.
+    """
     if guide is not None and not (isinstance(guide, type) and issubclass(guide, AutoGuide)):
         if not callable(guide):
             raise ValueError(f"Expected guide to be a callable, an AutoGuide class or None, but "

@@ -53,6 +53,7 @@ def module_params_kept(model: Any) -> Iterator[None]:
 
 
 def clone_param_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a param-store state (``get_state()``) that shares no tensor with it."""
     params = {name: nn.Parameter(value.detach().clone()) for name, value in state["params"].items()}
     return {"params": params, "constraints": dict(state["constraints"])}
 

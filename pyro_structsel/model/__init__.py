@@ -1,4 +1,4 @@
-"""What a structure is: structural sites, ``fix_structure``, graph families, Bayesian modules, ``NetworkModel``."""
+"""What a structure is: structural sites, fix_structure, families, Bayesian modules, networks."""
 
 from __future__ import annotations
 

@@ -220,6 +220,7 @@ def structure(
 
 
 def base_distribution(fn: Any) -> Any:
+    """``fn`` without its ``Independent`` / masked / expanded wrappers."""
     while isinstance(fn, (dist.Independent, dist.MaskedDistribution, dist.ExpandedDistribution)):
         fn = fn.base_dist
     return fn

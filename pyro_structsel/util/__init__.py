@@ -1,4 +1,4 @@
-"""Utilities every layer uses: string options, stack levels, vectorised draws, ranks, checks, progress."""
+"""What every layer uses: string options, stack levels, draws, ranks, checks, progress bars."""
 
 from __future__ import annotations
 

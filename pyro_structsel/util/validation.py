@@ -38,6 +38,7 @@ def _argument_names(model: Callable[..., Any], num: int) -> list[str]:
 
 
 def check_inputs(model: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]) -> None:
+    """Check that every tensor argument of ``model(*args, **kwargs)`` is finite, by its name."""
     for name, value in zip(_argument_names(model, len(args)), args):
         check_finite(name, value)
     for key, value in kwargs.items():
