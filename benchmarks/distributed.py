@@ -10,7 +10,7 @@ callback on rank 0 (the scoring is not timed), the best of ``--repeats``
 interleaved rounds. Configurations:
 
 * ``single``: one process, no group, with the fast ELBO of
-  :mod:`pyro_structsel.infer.fastpath` (the default) and the stock Pyro ELBO
+  :mod:`pyro_structsel.infer.traced` (the default) and the stock Pyro ELBO
   (1 and 2 threads);
 * ``group``: R processes in a group, R = 1 (the cost of the collectives
   alone) and R = 2, with either ELBO; ``threads`` torch threads per process.
@@ -96,7 +96,7 @@ def launch(world: int, threads: int, batch: int, steps: int, warmup: int, fast: 
         result = json.loads(out.read_text())
     return {"processes": max(world, 1), "process_group": bool(world),
             "threads_per_process": threads, "batch_per_process": batch or "full",
-            "elbo": "fast (NetworkELBO)" if fast else "stock (TraceMeanField_ELBO)", **result}
+            "elbo": "fast (traced step)" if fast else "stock (TraceMeanField_ELBO)", **result}
 
 
 def main() -> None:

@@ -13,11 +13,10 @@ Linear, point estimates, ``torch.optim.Adam``), run in the same process,
 interleaved in rounds; the ratio of each round is taken and the median over
 rounds reported. Variants: the stock Pyro path (``fast=False``:
 TraceMeanField_ELBO + per-tensor ``pyro.optim.Adam``), the fast path
-(default: ``NetworkELBO`` + ``FlatAdam``), the fast ELBO with Pyro's Adam
+(default: the traced ELBO step + ``FlatAdam``), the traced step with Pyro's Adam
 (the optimiser lever alone), at 1 and 2 torch threads. ``elbo_levers``: time
 of one ``loss_and_grads`` alone for the stock ELBO, Pyro's
-``JitTraceMeanField_ELBO``, the fast ELBO and the fast ELBO with local
-reparameterisation.
+``JitTraceMeanField_ELBO`` and the traced ELBO step.
 
 (ii) ``scaling``: seconds per epoch (N / 256 steps) and peak resident memory
 of the fast fit on N synthetic points, each N in a fresh subprocess reading
@@ -49,7 +48,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import pyro_structsel as ps  # noqa: E402
-from pyro_structsel.infer.fastpath import NetworkELBO  # noqa: E402
+from pyro_structsel.infer.traced import TracedELBO  # noqa: E402
 from pyro_structsel.infer.guides import build_guide
 from pyro_structsel.infer.scope import model_sites_and_params  # noqa: E402
 from pyro_structsel.infer.svi import FactorisedELBO  # noqa: E402
@@ -153,8 +152,8 @@ def elbo_levers(width: int, repeats: int) -> dict[str, Any]:
             "stock_trace_mean_field": FactorisedELBO(max_plate_nesting=1),
             "jit_trace_mean_field": pyro.infer.JitTraceMeanField_ELBO(
                 max_plate_nesting=1, ignore_jit_warnings=True),
-            "fast": NetworkELBO(model, guide),
-            "fast_local_reparam": NetworkELBO(model, guide, local_reparam=True)}
+            "traced": TracedELBO(model, guide, (x, y), kwargs,
+                                 elbo=FactorisedELBO(max_plate_nesting=1))}
         params = [p for _, p in pyro.get_param_store().named_parameters()]
         for name, elbo in elbos.items():
             with warnings.catch_warnings():

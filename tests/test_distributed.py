@@ -92,9 +92,9 @@ def test_fit_on_two_ranks_equals_one_process_exactly(runs):
                      msg=f"parameters of rank {rank}")
 
 
-def test_fast_path_on_two_ranks_averages_to_the_full_data_loss(runs):
+def test_traced_step_on_two_ranks_averages_to_the_full_data_loss(runs):
     for rank, result in enumerate(runs["fit"]):  # float32, summed in another order
-        sharded, full = result["fast_loss"]
+        sharded, full = result["traced_loss"]
         assert abs(sharded - full) <= 1e-5 * abs(full), rank
 
 

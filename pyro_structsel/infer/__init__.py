@@ -1,12 +1,13 @@
-"""Fitting q(w, Γ): guides, the SVI loop with checkpoints, the fast step, data-parallel fits."""
+"""Fitting q(w, Γ): guides, the SVI loop with checkpoints, the traced step, data-parallel fits."""
 
 from __future__ import annotations
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .convergence import Convergence, ConvergenceWarning, DiagnosticWarning, elbo_convergence
-from .fastpath import FlatAdam, NetworkELBO
 from .guides import AutoMeanFieldNormal, AutoStructure, default_guide
-from .svi import FactorisedELBO, NonFiniteLossError, fit
+from .optim import FlatAdam
+from .svi import FactorisedELBO, NonFiniteLossError, TracingWarning, fit
+from .traced import NotTraceableError, TracedELBO
 
 __all__ = [
     "AutoMeanFieldNormal",
@@ -16,8 +17,10 @@ __all__ = [
     "DiagnosticWarning",
     "FactorisedELBO",
     "FlatAdam",
-    "NetworkELBO",
     "NonFiniteLossError",
+    "NotTraceableError",
+    "TracedELBO",
+    "TracingWarning",
     "default_guide",
     "elbo_convergence",
     "fit",

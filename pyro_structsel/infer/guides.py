@@ -99,8 +99,9 @@ class AutoStructure(AutoGuide):
         if name not in self._prior_temperature:
             return dist.Dirichlet(attrgetter(name)(self.concentrations))
         logits = attrgetter(name)(self.logits)
-        temperature = torch.tensor(self.temperature or self._prior_temperature[name],
-                                   dtype=logits.dtype)
+        # as_tensor: a traced step passes the temperature in as a tensor (infer/traced.py)
+        temperature = torch.as_tensor(self.temperature if self.temperature is not None
+                                      else self._prior_temperature[name], dtype=logits.dtype)
         if is_log_simplex(site["fn"]):
             return ExpRelaxedCategorical(temperature, logits=logits)
         return dist.RelaxedOneHotCategorical(temperature, logits=logits)

@@ -23,10 +23,11 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from ..util.progress import progress_bar
 from ..util.ranks import is_distributed, rank
 from ..util.sampling import VectorizationWarning, max_plate_nesting
+from ..util.stacklevel import find_stack_level
 from . import distributed
 from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
-from .fastpath import NetworkELBO, network_elbo
 from .guides import is_factorised, structure_guides
+from .traced import NotTraceableError, TracedELBO
 
 #: Constraints whose transform maps finite values to finite values (identity, softplus).
 _FINITE_WITH_UNCONSTRAINED = (type(constraints.real), type(constraints.softplus_positive))
@@ -47,6 +48,10 @@ class FactorisedELBO(TraceMeanField_ELBO):
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or its gradient became NaN or infinite during a fit."""
+
+
+class TracingWarning(UserWarning):
+    """A fit could not use a traced step and runs Pyro's own ELBO (the message says why)."""
 
 
 def _describe_non_finite(model: Callable[..., Any], guide: Callable[..., Any], args: tuple,
@@ -130,10 +135,11 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
 
     The ELBO is :class:`FactorisedELBO` (analytic KL) for a fully factorised
     guide such as the default one, ``Trace_ELBO`` otherwise. With ``fast``
-    (default) a :class:`~pyro_structsel.NetworkModel` with the default guide
-    runs on :class:`~pyro_structsel.infer.fastpath.NetworkELBO` instead: the same
-    objective and parameters computed directly in torch, several times faster
-    per step; ``fast=False`` keeps Pyro's stock ELBO.
+    (default) it is traced once and replayed at every step
+    (:class:`~pyro_structsel.infer.traced.TracedELBO`): the same loss,
+    gradients and draws, several times faster. A model whose structure is not
+    static (see :mod:`pyro_structsel.infer.traced`) runs Pyro's ELBO with a
+    :class:`TracingWarning` saying why; ``fast=False`` chooses Pyro's ELBO.
 
     Call it inside the parameter store scope of the fit. With ``checkpoint``
     the state is saved every ``checkpoint_every`` steps and at the end, and an
@@ -171,12 +177,19 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
             warnings.warn(f"The model is not safe for vectorised particles "
                           f"({type(error).__name__}: {error}); looping over particles.",
                           VectorizationWarning, stacklevel=3)
-    elbo = (network_elbo(model, guide, num_particles=num_particles,
-                         vectorize_particles=vectorize) if fast else None)
-    if elbo is None:  # not a NetworkModel with the default guide, or fast=False: stock Pyro
-        elbo_class = FactorisedELBO if is_factorised(guide) else Trace_ELBO
-        elbo = elbo_class(num_particles=num_particles, vectorize_particles=vectorize,
-                          max_plate_nesting=nesting)
+    elbo_class = FactorisedELBO if is_factorised(guide) else Trace_ELBO
+    elbo: Any = elbo_class(num_particles=num_particles, vectorize_particles=vectorize,
+                           max_plate_nesting=nesting)
+    if fast:  # one traced graph per fit, unless the model's structure is not static
+        annealed = structure_guides(guide) if temperature is not None else []
+        for part in annealed:  # the temperature the first step reads
+            part.temperature = float(temperature(0))  # type: ignore[misc]
+        try:
+            elbo = TracedELBO(model, guide, args, kwargs, elbo=elbo, temperatures=annealed)
+        except NotTraceableError as error:
+            warnings.warn(f"{description} fits with Pyro's own ELBO, not a traced step: {error}. "
+                          "(fast=False chooses Pyro's ELBO without this warning.)",
+                          TracingWarning, stacklevel=find_stack_level())
     losses: list[float] = []
     start = 0
     state = (distributed.load_shared(load_checkpoint, os.fspath(checkpoint))
@@ -210,7 +223,7 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
 
     def loss_and_grads() -> tuple[float, dict[str, torch.Tensor]]:
         """One −ELBO estimate with its gradients; the parameters it read, by name."""
-        if isinstance(elbo, NetworkELBO):  # reads the store itself and names what it read
+        if isinstance(elbo, TracedELBO):  # reads the store itself and names what it read
             return elbo.loss_and_grads(model, guide, *args, **kwargs), elbo.parameters_read()
         with poutine.trace(param_only=True) as capture:
             value = elbo.loss_and_grads(model, guide, *args, **kwargs)
@@ -227,6 +240,15 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
                     part.temperature = float(temperature(step))
             # an exception on one rank (bad shard, model error) stops every rank
             loss, unconstrained = distributed.on_every_rank(loss_and_grads, f"at step {step}")
+            if isinstance(elbo, TracedELBO) and distributed.all_reduce_mean(
+                    elbo.changed is not None) > 0:  # a spot check failed (on some rank)
+                warnings.warn(f"{description} continues with Pyro's own ELBO from step {step}: "
+                              f"{elbo.changed or 'on another rank'}.", TracingWarning,
+                              stacklevel=find_stack_level())
+                _clear_grads(unconstrained.values())
+                elbo = elbo.elbo
+                loss, unconstrained = distributed.on_every_rank(loss_and_grads,
+                                                                f"at step {step}")
             if sharded:  # mean over the ranks; a non-finite value on one rank reaches all
                 loss = distributed.all_reduce_gradients(unconstrained, loss)
             params = set(unconstrained.values())

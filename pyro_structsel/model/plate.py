@@ -99,7 +99,7 @@ def data_rows(size: int, subsample_size: int | None = None) -> tuple[torch.Tenso
     r"""The rows this process's loss reads, and the factor on their log-likelihood sum.
 
     The same rows and scale as :func:`data_plate` for a loss written without
-    a plate (the fast path, :class:`~pyro_structsel.infer.fastpath.NetworkELBO`):
+    a plate:
     ``(None, 1.0)`` for the whole data; a random minibatch ``B`` and
     :math:`N / |B|`; in a data-parallel fit, this rank's shard (or a
     minibatch ``B_r`` of it) and :math:`R |S_r| / |B_r|`, so the ranks' mean

@@ -27,7 +27,7 @@ from ..evidence.complexity import (
 from ..evidence.estimate import Estimate
 from ..evidence.methods import EvidenceMethod, check_estimator_names, estimate_evidence
 from ..infer.distributed import shared_seed
-from ..infer.fastpath import FlatAdam
+from ..infer.optim import FlatAdam
 from ..infer.guides import build_guide
 from ..infer.scope import clone_param_state, model_sites_and_params, module_params_kept
 from ..infer.svi import fit
@@ -112,7 +112,7 @@ def select_structure(
         SVI steps (≥ 1).
     optim : pyro.optim.PyroOptim, optional
         Optimiser; default ``pyro.optim.Adam({"lr": lr})``, computed as one fused
-        step over all parameters (:class:`~pyro_structsel.infer.fastpath.FlatAdam`)
+        step over all parameters (:class:`~pyro_structsel.infer.optim.FlatAdam`)
         when ``fast``.
     lr : float
         Learning rate of the default optimiser.
@@ -141,12 +141,12 @@ def select_structure(
     callback : callable, optional
         Called as ``callback(step, loss)`` after every step.
     fast : bool
-        For a :class:`~pyro_structsel.NetworkModel` with the default guide, fit
-        with :class:`~pyro_structsel.infer.fastpath.NetworkELBO`: the same ELBO and
-        the same Pyro parameters, computed directly in torch (several times
-        faster per step); ``False`` runs Pyro's stock ``TraceMeanField_ELBO``
-        and per-tensor ``pyro.optim.Adam``. Other models and guides always use
-        the stock ELBO.
+        Trace the ELBO step once and replay it
+        (:class:`~pyro_structsel.infer.traced.TracedELBO`): the same loss,
+        gradients and draws as Pyro's ELBO, several times faster, for any
+        model whose structure is static (others are fitted by Pyro's ELBO,
+        with a :class:`~pyro_structsel.TracingWarning` saying why). ``False``
+        runs Pyro's stock ELBO and per-tensor ``pyro.optim.Adam``.
     distributed : bool, optional
         Data-parallel SVI on ``torch.distributed`` (see
         :mod:`pyro_structsel.infer.distributed`; launch with ``torchrun``). ``None``:
