@@ -17,12 +17,16 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
+import pyro.optim
 import pytest
 import torch
 
 import pyro_structsel as ps
+from pyro_structsel.infer import optim as optimizers
+from pyro_structsel.infer.checkpoint import CHECKPOINT_FORMAT
 
 from common import assert_close
 
@@ -186,17 +190,26 @@ def test_missing_checkpoint_loads_as_none(tmp_path):
     assert ps.load_checkpoint(tmp_path / "nothing-here.pt") is None
 
 
-def test_save_checkpoint_is_atomic_on_failure(tmp_path):
+def test_save_checkpoint_is_atomic_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "c.pt"
-    ps.save_checkpoint(path, {"format": "pyro_structsel.checkpoint/1", "step": 1})
+    ps.save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "step": 1})
 
-    class Unpicklable:
-        def __reduce__(self):
-            raise RuntimeError("cannot pickle")
+    class NotData:
+        pass
 
-    with pytest.raises(RuntimeError, match="cannot pickle"):
-        ps.save_checkpoint(path, {"format": "pyro_structsel.checkpoint/1", "step": 2,
-                                  "bad": Unpicklable()})
+    # an object that is not data is refused before anything is written
+    with pytest.raises(ValueError, match=r"Cannot store NotData at .*\['bad'\].*plain Python"):
+        ps.save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "step": 2, "bad": NotData()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+
+    def failing_save(obj, f):  # a write that dies half way (disk full, killed)
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        ps.save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "step": 2})
+    monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
     assert ps.load_checkpoint(path)["step"] == 1
 
@@ -300,3 +313,143 @@ def test_huge_learning_rate_raises_non_finite_loss(tmp_path, lr):
         assert state["step"] == step // 3 * 3
         assert all(bool(torch.isfinite(v).all()) for v in state["params"]["params"].values())
     assert sorted(p.name for p in tmp_path.iterdir()) == (["lr.pt"] if step >= 3 else [])
+
+
+# ----------------------------------------------------------------------------- safe, fingerprinted
+
+
+class _Payload:
+    """Unpickling it creates a file: a harmless stand-in for a command run by a planted file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_planted_pickle_in_checkpoint_path_runs_nothing(tmp_path):
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "planted.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "step": 1, "params": _Payload(marker)}, path)
+    with pytest.raises(ValueError, match=r"Refusing to load .*planted\.pt.*io\.open.*runs no code"):
+        ps.load_checkpoint(path)
+    x, y = _data()
+    with pytest.raises(ValueError, match="Refusing to load"):
+        ps.select_structure(_network_model(), x, y, num_steps=5, progress=False,
+                            checkpoint=path)
+    assert not marker.exists()
+
+
+def test_checkpoint_is_plain_data(tmp_path):
+    # parameters with constraints beyond the default ones: stored by name, rebuilt on load
+    def model(x, y):
+        gamma = ps.structure("basis", ["sin", "linear"])
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        noise = pyro.param("noise", torch.tensor(0.5),
+                           constraint=dist.constraints.interval(0.01, 2.0))
+        mean = (gamma * torch.stack([torch.sin(w * x), w * x], -1)).sum(-1)
+        with pyro.plate("data", len(x)):
+            pyro.sample("obs", dist.Normal(mean, noise), obs=y)
+
+    x = torch.linspace(-2, 2, 30)
+    path = tmp_path / "plain.pt"
+    ps.select_structure(model, x, torch.sin(x), num_steps=3, progress=False, checkpoint=path,
+                        num_evidence_samples=5)
+    raw = torch.load(path, weights_only=True)  # no object but tensors and plain data
+    assert raw["params"]["constraints"]["noise"]["__constraint__"] == "interval"
+    state = ps.load_checkpoint(path)
+    noise = state["params"]["constraints"]["noise"]
+    assert isinstance(noise, type(dist.constraints.interval(0.0, 1.0)))
+    assert (noise.lower_bound, noise.upper_bound) == (0.01, 2.0)
+    assert state["params"]["constraints"]["AutoGuideList.0.concentrations.basis"] is \
+        dist.constraints.positive
+    assert isinstance(state["rng"]["numpy"][1], np.ndarray)
+    pyro.util.set_rng_state(state["rng"])  # the RNG state round-trips
+
+
+def _labelled_model(labels):
+    def model(x, y):
+        gamma = ps.structure("basis", labels)
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        bases = {"sin": torch.sin(w * x), "linear": w * x, "cube": (w * x) ** 3}
+        mean = (gamma * torch.stack([bases[label] for label in labels], -1)).sum(-1)
+        with pyro.plate("data", len(x)):
+            pyro.sample("obs", dist.Normal(mean, 0.5), obs=y)
+    return model
+
+
+def _fit(model, x, y, path, **options):
+    options = {"num_steps": 10, "progress": False, "num_evidence_samples": 5, **options}
+    return ps.select_structure(model, x, y, checkpoint=path, checkpoint_every=5, **options)
+
+
+@pytest.mark.parametrize("change, message", [
+    ("other sites", r"site 'basis' .*has options \[\"sin\", \"linear\"\] in the checkpoint and "
+                    r"\[\"sin\", \"linear\", \"cube\"\]"),
+    ("options reordered", r"site 'basis' has options \[\"sin\", \"linear\"\] in the checkpoint "
+                          r"and \[\"linear\", \"sin\"\] in this run"),
+    ("other data", r"model argument 'y' has the same shape \[30\] but different values"),
+    ("other rows", r"model argument 'x' has shape \[30\] in the checkpoint and \[20\]"),
+    ("new lr, fast", r"the optimiser's lr is 0.01 in the checkpoint and 0.1 in this run.*"
+                     r"resume='relaxed'"),
+    ("new lr, stock", r"the optimiser's lr is 0.01 in the checkpoint and 0.1 in this run"),
+    ("other optimiser", r"the optimiser is Adam in the checkpoint and ClippedAdam in this run"),
+])
+def test_checkpoint_of_another_run_is_refused(tmp_path, change, message):
+    x = torch.linspace(-2, 2, 30)
+    y = torch.sin(1.3 * x)
+    path = tmp_path / "run.pt"
+    first = _labelled_model(["sin", "linear"])
+    _fit(first, x, y, path)
+    before = path.read_bytes()
+    second, options = first, {"num_steps": 20}
+    if change == "other sites":
+        second = _labelled_model(["sin", "linear", "cube"])
+    elif change == "options reordered":
+        second = _labelled_model(["linear", "sin"])
+    elif change == "other data":
+        y = -y
+    elif change == "other rows":
+        x, y = x[:20], y[:20]
+    elif change.startswith("new lr"):
+        options.update(lr=0.1, fast=change.endswith("fast"))
+    else:
+        options.update(optim=pyro.optim.ClippedAdam({"lr": 0.01}))
+    with pytest.raises(ValueError, match=r"(?s)written by a different run.*" + message):
+        _fit(second, x, y, path, **options)
+    assert path.read_bytes() == before  # the checkpoint is left as it was
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_relaxed_resume_applies_the_new_lr_on_every_path(tmp_path, fast):
+    x, y = _data()
+    path = tmp_path / "lr.pt"
+    model = _network_model()
+    _fit(model, x, y, path, lr=0.01, seed=0)
+    optim = (ps.infer.FlatAdam if fast else pyro.optim.Adam)({"lr": 0.1})
+    with pytest.warns(ps.infer.CheckpointWarning, match="the optimiser's lr is 0.01 in the "
+                                                        "checkpoint and 0.1 in this run"):
+        result = _fit(model, x, y, path, num_steps=20, optim=optim, fast=fast, seed=0,
+                      resume="relaxed")
+    assert len(result.losses) == 20
+    groups = [group for opt in optimizers.torch_optimizers(optim) for group in opt.param_groups]
+    assert groups and all(group["lr"] == 0.1 for group in groups)
+    # the model itself must still match
+    with pytest.raises(ValueError, match="Remove the file or pass another checkpoint path"):
+        _fit(_labelled_model(["sin", "linear"]), x[:, 0], y, path, num_steps=30,
+             resume="relaxed")
+
+
+def test_bad_checkpoint_paths_are_refused_before_the_fit(tmp_path):
+    x, y = _data()
+    (tmp_path / "a-file").write_text("x")
+    for path, message in [(123, "Expected checkpoint to be a file path"),
+                          (tmp_path, "is a folder"),
+                          (tmp_path / "a-file" / "c.pt", "is a file, not a folder")]:
+        with pytest.raises((TypeError, ValueError), match=message):
+            ps.select_structure(_network_model(), x, y, num_steps=5, progress=False,
+                                checkpoint=path, callback=lambda *a: pytest.fail("fitted"))
+    with pytest.raises(ValueError, match="Unknown resume 'loose'"):
+        ps.select_structure(_network_model(), x, y, num_steps=5, progress=False,
+                            resume="loose")

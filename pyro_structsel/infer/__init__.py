@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointWarning, load_checkpoint, save_checkpoint
 from .convergence import Convergence, ConvergenceWarning, DiagnosticWarning, elbo_convergence
 from .guides import AutoMeanFieldNormal, AutoStructure, default_guide
 from .optim import FlatAdam
@@ -12,6 +12,7 @@ from .traced import NotTraceableError, TracedELBO
 __all__ = [
     "AutoMeanFieldNormal",
     "AutoStructure",
+    "CheckpointWarning",
     "Convergence",
     "ConvergenceWarning",
     "DiagnosticWarning",

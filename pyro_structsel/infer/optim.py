@@ -1,8 +1,21 @@
-r"""Optimisers over Pyro's param store: :class:`FlatAdam`, one fused Adam step per SVI step."""
+r"""Optimisers over Pyro's param store: :class:`FlatAdam`, one fused Adam step per SVI step.
+
+Also what a user may pass as the optimiser of a fit: a Pyro optimiser, or a
+``torch.optim`` class, which :func:`as_pyro_optimizer` wraps with the fit's
+learning rate (anything else, a string or a torch optimiser *object*, which
+holds its own parameters, is refused before the fit starts);
+:func:`optimizer_settings` describes an optimiser for the checkpoint
+fingerprint, and :func:`non_finite_state` finds the parameters whose
+optimiser state overflowed (Adam's second moment :math:`v = g^2` is ``inf``
+for :math:`|g| > 1.8 \cdot 10^{19}` in float32, after which the parameter
+never moves again).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+import json
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pyro
@@ -67,6 +80,10 @@ class FlatAdam(pyro.optim.PyroOptim):
         if self._optimizer is not None:
             self._optimizer.step(*args, **kwargs)
 
+    def torch_optimizers(self) -> list[torch.optim.Adam]:
+        """The one torch optimiser over every tensor stepped so far (none before a step)."""
+        return [] if self._optimizer is None else [self._optimizer]
+
     def get_state(self) -> dict[str, Any]:
         """Pyro's format: parameter name → one-parameter Adam ``state_dict``."""
         if self._optimizer is None:
@@ -93,3 +110,107 @@ class FlatAdam(pyro.optim.PyroOptim):
         self._optimizer = None
         self._seen = set()
         self._state_waiting_to_be_consumed = dict(state_dict)
+
+
+#: Keyword arguments of torch optimisers that choose a kernel, not the optimisation.
+_KERNEL_ARGS = frozenset({"fused", "foreach", "capturable", "differentiable"})
+
+
+def as_pyro_optimizer(optim: Any, *, lr: float, argument: str = "optim") -> pyro.optim.PyroOptim:
+    """``optim`` as a Pyro optimiser: itself, or a ``torch.optim`` class built with ``lr``.
+
+    Raises
+    ------
+    TypeError
+        For anything else, naming ``argument`` and what it accepts.
+    """
+    if isinstance(optim, pyro.optim.PyroOptim):
+        return optim
+    if isinstance(optim, type) and issubclass(optim, torch.optim.Optimizer):
+        return pyro.optim.PyroOptim(optim, {"lr": lr})
+    if isinstance(optim, torch.optim.Optimizer):
+        raise TypeError(
+            f"Expected {argument} to be a Pyro optimiser (e.g. pyro.optim.Adam({{'lr': {lr}}})) "
+            f"or a torch.optim class, but got an object of class {type(optim).__name__}, which holds "
+            f"parameters of its own and would train nothing here; pass "
+            f"torch.optim.{type(optim).__name__} (the class) or a pyro.optim optimiser.")
+    raise TypeError(
+        f"Expected {argument} to be a Pyro optimiser (e.g. pyro.optim.Adam({{'lr': {lr}}})) or "
+        f"a torch.optim class (e.g. torch.optim.Adam), but got {optim!r}.")
+
+
+def check_optimizer_factory(optim: Any, argument: str = "optim") -> None:
+    """Refuse an ``optim`` that should make a fresh optimiser per fit but cannot."""
+    if optim is None or (isinstance(optim, type) and issubclass(optim, torch.optim.Optimizer)):
+        return
+    if isinstance(optim, (pyro.optim.PyroOptim, torch.optim.Optimizer)) or not callable(optim):
+        raise TypeError(
+            f"Expected {argument} to make a fresh optimiser for every fit: a function such as "
+            f"lambda: pyro.optim.Adam({{'lr': 0.01}}) or a torch.optim class, but got {optim!r}.")
+
+
+def optimizer_settings(optim: Any) -> dict[str, Any]:
+    """The optimiser's algorithm and hyperparameters, as plain data (defaults filled in).
+
+    ``pyro.optim.Adam`` and :class:`~pyro_structsel.infer.optim.FlatAdam` with
+    the same arguments describe the same optimisation and get the same settings.
+    """
+    constructor = getattr(optim, "pt_optim_constructor", None)
+    if constructor is None:
+        return {"class": type(optim).__name__, "args": "unknown"}
+    args = getattr(optim, "pt_optim_args", None)
+    if not isinstance(args, Mapping):
+        return {"class": constructor.__name__, "args": "per-parameter function"}
+    settings: dict[str, Any] = {}
+    try:
+        for name, param in inspect.signature(constructor).parameters.items():
+            if param.default is not inspect.Parameter.empty and name not in ("params",):
+                settings[name] = param.default
+    except (TypeError, ValueError):
+        pass
+    settings.update(args)
+    settings = {key: value for key, value in settings.items() if key not in _KERNEL_ARGS}
+    return {"class": constructor.__name__, "args": json.loads(json.dumps(settings, default=str))}
+
+
+def torch_optimizers(optim: Any) -> list[torch.optim.Optimizer]:
+    """The torch optimisers inside a Pyro optimiser (one per tensor, or one for all)."""
+    own = getattr(optim, "torch_optimizers", None)
+    if callable(own):
+        return list(own())
+    return list(getattr(optim, "optim_objs", {}).values())
+
+
+def non_finite_state(optim: Any, params: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names among ``params`` (name → tensor stepped) whose optimiser state is not finite.
+
+    One fused norm over every state tensor first; tensor by tensor only if
+    it alarms (the norm of huge but finite values can overflow too).
+    """
+    state_of: dict[torch.Tensor, Mapping[str, Any]] = {}
+    for optimizer in torch_optimizers(optim):
+        state_of.update(optimizer.state)
+    owned: list[tuple[str, torch.Tensor]] = []
+    for name, param in params.items():
+        for value in state_of.get(param, {}).values():
+            if torch.is_tensor(value) and value.is_floating_point() and value.numel():
+                owned.append((name, value))
+    if not owned or bool(torch.isfinite(torch.nn.utils.get_total_norm(
+            [value for _, value in owned]))):
+        return []
+    bad = {name for name, value in owned if not bool(torch.isfinite(value).all())}
+    return [name for name in params if name in bad]
+
+
+def optimizer_factory(optim: Any, lr: float) -> Callable[[], pyro.optim.PyroOptim]:
+    """A function making a fresh Pyro optimiser per fit from ``optim`` (see ``compare_structures``)."""
+    check_optimizer_factory(optim)
+    if optim is None:
+        return lambda: pyro.optim.Adam({"lr": lr})
+    if isinstance(optim, type):
+        return lambda: as_pyro_optimizer(optim, lr=lr)
+
+    def make() -> pyro.optim.PyroOptim:
+        return as_pyro_optimizer(optim(), lr=lr, argument="the optimiser that optim() returned")
+
+    return make

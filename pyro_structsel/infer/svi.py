@@ -7,6 +7,7 @@ run never killed.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -20,13 +21,23 @@ from pyro import poutine
 from pyro.distributions import constraints
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
+from ..util.options import Resume, parse_option
 from ..util.progress import progress_bar
 from ..util.ranks import is_distributed, rank
 from ..util.sampling import VectorizationWarning, max_plate_nesting
 from ..util.stacklevel import find_stack_level
 from . import distributed
-from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    check_checkpoint_path,
+    check_resume,
+    load_checkpoint,
+    run_fingerprint,
+    save_checkpoint,
+    with_optimizer_settings,
+)
 from .guides import is_factorised, structure_guides
+from .optim import non_finite_state
 from .traced import NotTraceableError, TracedELBO
 
 #: Constraints whose transform maps finite values to finite values (identity, softplus).
@@ -130,7 +141,8 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
         checkpoint: str | os.PathLike[str] | None = None, checkpoint_every: int = 100,
         temperature: Callable[[int], float] | None = None,
         callback: Callable[[int, float], Any] | None = None,
-        description: str = "select_structure", fast: bool = True) -> list[float]:
+        description: str = "select_structure", fast: bool = True,
+        resume: str | Resume = "strict") -> list[float]:
     """Run ``num_steps`` SVI steps; returns the loss (−ELBO) of every step.
 
     The ELBO is :class:`FactorisedELBO` (analytic KL) for a fully factorised
@@ -143,10 +155,14 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
 
     Call it inside the parameter store scope of the fit. With ``checkpoint``
     the state is saved every ``checkpoint_every`` steps and at the end, and an
-    existing checkpoint is resumed. ``temperature(step)`` anneals Concrete
-    guides. A non-finite loss or gradient raises :class:`NonFiniteLossError`
-    naming the step and the sites before the update; parameters that overflow
-    in an update raise it after, before any checkpoint. Either way the last
+    existing checkpoint is resumed if it was written by the same run (same
+    model sites, guide parameters, data and optimiser settings; ``resume="relaxed"``
+    also continues one written with other data values or optimiser settings,
+    which then apply; see :mod:`pyro_structsel.infer.checkpoint`).
+    ``temperature(step)`` anneals Concrete guides. A non-finite loss or gradient raises :class:`NonFiniteLossError`
+    naming the step and the sites before the update; parameters (or their
+    optimiser state, such as Adam's second moment) that overflow in an update
+    raise it after, before any checkpoint. Either way the last
     checkpoint is the last good state.
 
     Under a ``torch.distributed`` process group (see
@@ -157,12 +173,17 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
     holds every rank's RNG state).
     """
     kwargs = dict(kwargs or {})
+    resume = parse_option(Resume, resume, "resume")
+    if checkpoint is not None:
+        check_checkpoint_path(checkpoint)
     nesting = max_plate_nesting(model, args, kwargs)
     sharded = is_distributed()
     with poutine.block(), torch.no_grad():  # create the guide's parameters
         poutine.trace(guide).get_trace(*args, **kwargs)
         if sharded:  # and the model's, so that rank 0 can send them all
             poutine.trace(model).get_trace(*args, **kwargs)
+    fingerprint = (run_fingerprint(model, args, kwargs, optim) if checkpoint is not None
+                   else None)
     if sharded:  # one q on every rank, own particle noise per rank
         distributed.broadcast_parameters()
         distributed.seed_ranks()
@@ -195,6 +216,7 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
     state = (distributed.load_shared(load_checkpoint, os.fspath(checkpoint))
              if checkpoint is not None else None)
     if state is not None:
+        differences = check_resume(os.fspath(checkpoint), state, fingerprint, resume)
         if state["step"] > num_steps:
             raise ValueError(f"The checkpoint {os.fspath(checkpoint)!r} is at step "
                              f"{state['step']}, past num_steps={num_steps}.")
@@ -205,7 +227,8 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
         with poutine.block(), torch.no_grad():
             poutine.trace(guide).get_trace(*args, **kwargs)
             poutine.trace(model).get_trace(*args, **kwargs)
-        optim.set_state(state["optim"])
+        optim.set_state(with_optimizer_settings(state["optim"], optim)
+                        if "optimizer" in differences else state["optim"])
         distributed.restore_rng_state(state, os.fspath(checkpoint))  # type: ignore[arg-type]
         losses, start = list(state["losses"]), int(state["step"])
 
@@ -216,6 +239,7 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
             if rank() == 0:
                 save_checkpoint(checkpoint, {  # type: ignore[arg-type]
                     "format": CHECKPOINT_FORMAT, "step": step, "losses": losses,
+                    "fingerprint": json.dumps(fingerprint),
                     "params": pyro.get_param_store().get_state(), "optim": optim.get_state(),
                     "rng": pyro.util.get_rng_state(), **ranks})
 
@@ -266,12 +290,20 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
                        if checkpoint is not None else "."))
             optim(params)
             _clear_grads(params)
-            # a finite gradient can still overflow a parameter
+            # a finite gradient can still overflow a parameter, or the optimiser's state
+            # (Adam's g**2 is inf for |g| > 1.8e19 in float32: the parameter stops moving)
             overflowed = _overflowed(unconstrained, constraints)
-            if overflowed:
+            stuck = non_finite_state(optim, unconstrained)
+            if overflowed or stuck:
                 raise NonFiniteLossError(
-                    f"The update of step {step} (loss={loss}) made the parameters {overflowed} "
-                    "non-finite. Lower the learning rate, rescale the data or narrow the priors"
+                    f"The update of step {step} (loss={loss}) made "
+                    + (f"the parameters {overflowed} non-finite" if overflowed else "")
+                    + (" and " if overflowed and stuck else "")
+                    + (f"the optimiser state (e.g. Adam's running mean of squared gradients) "
+                       f"of the parameters {stuck} non-finite, so they would never move again; "
+                       "their gradients are too large for float32" if stuck else "")
+                    + ". Lower the learning rate, rescale the data (standardise x) or narrow "
+                    "the priors"
                     + (f"; the checkpoint {os.fspath(checkpoint)!r} keeps the last good state."
                        if checkpoint is not None else "."))
             losses.append(float(loss))

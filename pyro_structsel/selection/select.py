@@ -26,13 +26,16 @@ from ..evidence.complexity import (
 )
 from ..evidence.estimate import Estimate
 from ..evidence.methods import EvidenceMethod, check_estimator_names, estimate_evidence
+from ..infer.checkpoint import check_checkpoint_path
 from ..infer.distributed import shared_seed
 from ..infer.optim import FlatAdam
 from ..infer.guides import build_guide
+from ..infer.optim import as_pyro_optimizer
 from ..infer.scope import clone_param_state, model_sites_and_params, module_params_kept
 from ..infer.svi import fit
 from ..model.fix_messenger import pinned_sites
 from ..model.network import NetworkModel
+from ..util.options import Resume, parse_option
 from ..util.ranks import resolve_distributed, use_distributed
 from ..util.sampling import draw_guide, max_plate_nesting, trace_model
 from ..util.validation import check_inputs
@@ -85,6 +88,7 @@ def select_structure(
     progress: bool = True,
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 100,
+    resume: str = "strict",
     callback: Callable[[int, float], Any] | None = None,
     fast: bool = True,
     distributed: bool | None = None,
@@ -110,12 +114,13 @@ def select_structure(
         any other callable is used as the guide as is.
     num_steps : int
         SVI steps (≥ 1).
-    optim : pyro.optim.PyroOptim, optional
+    optim : pyro.optim.PyroOptim or torch.optim class, optional
         Optimiser; default ``pyro.optim.Adam({"lr": lr})``, computed as one fused
         step over all parameters (:class:`~pyro_structsel.infer.optim.FlatAdam`)
-        when ``fast``.
+        when ``fast``. A ``torch.optim`` class (``torch.optim.SGD``) is built
+        with ``lr`` for every parameter.
     lr : float
-        Learning rate of the default optimiser.
+        Learning rate of the default optimiser (or of a ``torch.optim`` class).
     num_particles : int
         Particles per ELBO gradient estimate.
     vectorize_particles : bool, optional
@@ -137,7 +142,15 @@ def select_structure(
         Show a progress bar with the running ELBO.
     checkpoint : path, optional
         Checkpoint file, written atomically every ``checkpoint_every`` steps
-        and resumed from when it exists (one file per restart).
+        and resumed from when it exists (one file per restart). A checkpoint
+        is data (loading it runs no code) and carries a fingerprint of its
+        run: one written by another model, guide, data set or optimiser
+        setting is refused with what differs.
+    resume : {"strict", "relaxed"}
+        ``"relaxed"`` resumes a checkpoint written with other data values or
+        optimiser settings (same model, guide and data shapes), with this
+        call's data and settings (e.g. a new ``lr``) from the next step, and a
+        :class:`~pyro_structsel.infer.checkpoint.CheckpointWarning`.
     callback : callable, optional
         Called as ``callback(step, loss)`` after every step.
     fast : bool
@@ -183,6 +196,11 @@ def select_structure(
             raise ValueError(f"Expected {argument} to be an int >= {low}, but got {value!r}.")
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"Expected lr > 0, but got {lr!r}.")
+    if optim is not None:
+        as_pyro_optimizer(optim, lr=lr)  # refuse a string or a torch optimiser object now
+    parse_option(Resume, resume, "resume")
+    if checkpoint is not None:
+        check_checkpoint_path(checkpoint)
     estimators = check_estimator_names(evidence)
     if not callable(model):
         raise ValueError(f"Expected model to be a callable Pyro model, but got {model!r}.")
@@ -197,7 +215,7 @@ def select_structure(
         for restart in range(num_restarts):
             if seed is not None:
                 pyro.set_rng_seed(seed + restart)
-            optimizer = optim if optim is not None else (
+            optimizer = as_pyro_optimizer(optim, lr=lr) if optim is not None else (
                 FlatAdam({"lr": lr}) if fast else pyro.optim.Adam({"lr": lr}))
             # each restart starts from its own copy of the model's parameters (learnable
             # prior scales), so no two fits share a tensor through Pyro's global param store
@@ -207,7 +225,8 @@ def select_structure(
                              optim=optimizer, num_particles=num_particles,
                              vectorize_particles=vectorize_particles, progress=progress,
                              checkpoint=_restart_path(checkpoint, restart, num_restarts),
-                             checkpoint_every=checkpoint_every, temperature=schedule,
+                             checkpoint_every=checkpoint_every, resume=resume,
+                             temperature=schedule,
                              callback=callback, fast=fast,
                              description=f"select_structure[{restart + 1}/{num_restarts}]"
                              if num_restarts > 1 else "select_structure")

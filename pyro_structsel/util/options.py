@@ -45,3 +45,16 @@ class Likelihood(str, Enum):
 
     CATEGORICAL = "categorical"
     NORMAL = "normal"
+
+
+class Resume(str, Enum):
+    """What a fit does with a checkpoint written by a run that differs from it.
+
+    ``"strict"``: refuse any difference. ``"relaxed"``: continue from it when
+    the model, the guide and the data shapes match, with this run's data
+    values and optimiser settings (a new learning rate applies from the next
+    step), and warn what differs.
+    """
+
+    STRICT = "strict"
+    RELAXED = "relaxed"

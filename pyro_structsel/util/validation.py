@@ -22,7 +22,7 @@ def check_finite(name: str, value: torch.Tensor) -> None:
             )
 
 
-def _argument_names(model: Callable[..., Any], num: int) -> list[str]:
+def argument_names(model: Callable[..., Any], num: int) -> list[str]:
     """Names of the first ``num`` positional parameters of ``model`` (``args[i]`` if unknown)."""
     names = [f"args[{i}]" for i in range(num)]
     try:
@@ -39,7 +39,7 @@ def _argument_names(model: Callable[..., Any], num: int) -> list[str]:
 
 def check_inputs(model: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]) -> None:
     """Check that every tensor argument of ``model(*args, **kwargs)`` is finite, by its name."""
-    for name, value in zip(_argument_names(model, len(args)), args):
+    for name, value in zip(argument_names(model, len(args)), args):
         check_finite(name, value)
     for key, value in kwargs.items():
         check_finite(key, value)
