@@ -173,6 +173,9 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[
             parser.error("argument --temperature: expected T or T0 T1")
         if args.prior != "concrete":
             parser.error("argument --temperature: only used with --prior concrete")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"argument --out: {str(args.out)!r} is a file, not a folder; pass a folder "
+                     "for the outputs (created if missing)")
     config["batch_size"] = args.batch_size or None
     config["checkpoint"] = None if args.checkpoint is None else str(args.checkpoint)
     return config

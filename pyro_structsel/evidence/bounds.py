@@ -25,6 +25,15 @@ def _mean_se(values: torch.Tensor) -> tuple[float, float]:
     return mean, se
 
 
+def _check_model_and_guide(model: Any, guide: Any, caller: str) -> None:
+    if not callable(model):
+        raise TypeError(f"Expected model to be a callable Pyro model, but got {model!r}.")
+    if not callable(guide):
+        raise TypeError(f"{caller} scores draws from a fitted guide: expected guide to be a "
+                        f"callable Pyro guide (e.g. result.guide inside result.param_scope()), "
+                        f"but got {guide!r}.")
+
+
 def elbo(model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
          num_particles: int = 1000, chunk_size: int | None = 100,
          vectorize: bool | None = None, **kwargs: Any) -> Estimate:
@@ -65,8 +74,9 @@ def elbo(model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
     D. Blei, A. Kucukelbir, J. McAuliffe. Variational inference: a review for
     statisticians. JASA, 2017.
     """
+    _check_model_and_guide(model, guide, "elbo")
     draws = draw(model, guide, args, kwargs, num_samples=num_particles, chunk_size=chunk_size,
-                 vectorize=vectorize)
+                 vectorize=vectorize, what="The ELBO", num_argument="num_particles")
     value, se = _mean_se(draws.log_weights)
     lik, lik_se = _mean_se(draws.log_likelihood)
     kl, kl_se = _mean_se(draws.log_q - draws.log_prior)
@@ -99,8 +109,9 @@ def iwae(model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
     Y. Yao, A. Vehtari, D. Simpson, A. Gelman. Yes, but did it work?: evaluating
     variational inference. ICML 2018.
     """
+    _check_model_and_guide(model, guide, "iwae")
     draws = draw(model, guide, args, kwargs, num_samples=num_samples, chunk_size=chunk_size,
-                 vectorize=vectorize)
+                 vectorize=vectorize, what="The importance-weighted bound")
     log_w = draws.log_weights.double()
     k = log_w.numel()
     value = float(torch.logsumexp(log_w, 0) - math.log(k))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 from pyro import poutine
 
 from ..infer.guides import build_guide
+from ..infer.optim import check_optimizer_factory, optimizer_factory
 from ..infer.scope import clone_param_state, model_sites_and_params, module_params_kept
 from ..infer.svi import fit
 from ..model.fix_messenger import fix_structure
@@ -31,7 +33,9 @@ from ..model.sites import StructuralSite, check_structure
 from ..util.options import parse_option
 from ..util.progress import progress_bar
 from ..util.sampling import trace_model
-from ..util.validation import check_inputs
+from ..util.stacklevel import find_stack_level
+from ..util.minibatch import check_full_data, full_data, scoring_kwargs
+from ..util.validation import check_inputs, check_int, check_positive, check_seed, own_parameters
 from .crossval import CROSS_VALIDATION, cross_validation
 from .estimate import Estimate
 from .ggn import ggn_laplace
@@ -165,8 +169,12 @@ def compare_structures(
         Sorted best first, indexed by a label like ``"layer1=tanh, layer2=relu"``,
         with columns ``log_evidence``, ``se``, ``log_bayes_factor`` (vs the best,
         ≤ 0), ``probability`` (posterior under a uniform prior over the
-        structures compared; sums to 1) and ``structure`` (the dict);
-        ``df.attrs["estimates"]`` maps labels to the :class:`Estimate` objects.
+        structures compared; sums to 1), ``structure`` (the dict) and ``note``.
+        A structure whose log evidence is not finite (could not be computed)
+        has ``probability`` and ``log_bayes_factor`` NaN and a ``note`` saying
+        so; the others are normalised among themselves (with a warning), and
+        ``df.attrs["excluded"]`` lists them. ``df.attrs["estimates"]`` maps
+        labels to the :class:`Estimate` objects.
 
     Example
     -------
@@ -176,17 +184,31 @@ def compare_structures(
     """
     method_enum = None if method == CROSS_VALIDATION else parse_option(
         EvidenceMethod, method, "method (or 'cross_validation')")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"Expected num_steps to be an int >= 1, but got {num_steps!r}.")
-    check_inputs(model, args, kwargs)
+    for argument, value in (("num_steps", num_steps), ("num_particles", num_particles),
+                            ("num_samples", num_samples)):
+        check_int(value, argument)
+    check_positive(lr, "lr")
+    check_seed(seed)
+    check_optimizer_factory(optim)
+    if not callable(model):
+        raise ValueError(f"Expected model to be a callable Pyro model, but got {model!r}.")
+    check_inputs(model, args, kwargs, caller="compare_structures",
+                 caller_params=own_parameters(compare_structures))
+    if structures is not None and (isinstance(structures, (Mapping, str))
+                                   or not isinstance(structures, Sequence)):
+        raise ValueError(f"Expected structures to be a list of dicts (site -> option), e.g. "
+                         f"[{{'layer': 'relu'}}, {{'layer': 'tanh'}}], but got {structures!r}.")
     sites, model_params = model_sites_and_params(model, args, kwargs)
     chosen = [check_structure(s, sites) for s in structures] if structures is not None \
         else all_structures(sites)
     if not chosen:
-        raise ValueError("No structure to compare.")
-    eval_kwargs = kwargs
-    if isinstance(model, NetworkModel):  # score on the full data, not on a minibatch
-        eval_kwargs = {k: v for k, v in kwargs.items() if k != "batch_size"}
+        raise ValueError("No structure to compare: structures=[] is empty; pass at least one "
+                         "structure, or None for every vertex.")
+    eval_kwargs = scoring_kwargs(kwargs)  # score on the full data, not on a minibatch
+    if method_enum is not None and method_enum is not EvidenceMethod.LAPLACE:
+        with full_data():
+            check_full_data(trace_model(model, args, eval_kwargs),
+                            f"compare_structures(method={method!r})")
     network = isinstance(model, NetworkModel)
     if hessian_structure is not None and not network:
         raise ValueError("hessian_structure applies to a ps.NetworkModel only; other models "
@@ -200,7 +222,7 @@ def compare_structures(
             estimates[structure_label(structure)] = _score_structure(
                 model, structure, args, kwargs, eval_kwargs, method_enum, guide=guide,
                 model_params=model_params, num_steps=num_steps,
-                optim=optim or (lambda: pyro.optim.Adam({"lr": lr})), lr=lr,
+                optim=optimizer_factory(optim, lr), lr=lr,
                 num_particles=num_particles,
                 num_samples=num_samples, seed=seed, folds=folds,
                 marginalize_inert=marginalize_inert, curvature=curvature)
@@ -245,16 +267,28 @@ def _table(estimates: Mapping[str, Estimate], structures: Mapping[str, dict[str,
     log_ev = torch.tensor([estimates[label].value for label in labels], dtype=torch.float64)
     finite = torch.isfinite(log_ev)
     best = float(log_ev[finite].max()) if bool(finite.any()) else math.nan
-    probs = torch.zeros_like(log_ev)
+    # a structure whose evidence could not be computed has no probability: NaN, and the
+    # others are normalised among themselves
+    probs = torch.full_like(log_ev, math.nan)
     if bool(finite.any()):
         probs[finite] = torch.softmax(log_ev[finite], 0)
+    factors = torch.where(finite, log_ev - best, torch.full_like(log_ev, math.nan))
+    excluded = [label for label, ok in zip(labels, finite.tolist()) if not ok]
     table = pd.DataFrame({
         "log_evidence": log_ev.numpy(),
         "se": [estimates[label].se for label in labels],
-        "log_bayes_factor": (log_ev - best).numpy(),
+        "log_bayes_factor": factors.numpy(),
         "probability": probs.numpy(),
         "structure": [structures[label] for label in labels],
+        "note": ["" if ok else f"log evidence {value} is not finite: no probability, excluded "
+                 "from the normalisation" for ok, value in zip(finite.tolist(), log_ev.tolist())],
     }, index=pd.Index(labels, name="structure_label"))
     table = table.sort_values("log_evidence", ascending=False, na_position="last")
     table.attrs["estimates"] = dict(estimates)
+    table.attrs["excluded"] = excluded
+    if excluded:
+        warnings.warn(f"compare_structures could not compute the log evidence of {excluded} "
+                      "(not finite): their probability is NaN and the other structures' "
+                      "probabilities are normalised without them (see the table's note "
+                      "column).", UserWarning, stacklevel=find_stack_level())
     return table

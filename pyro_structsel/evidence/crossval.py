@@ -45,12 +45,13 @@ import torch
 from torch import nn
 
 from ..infer.guides import build_guide
+from ..infer.optim import as_pyro_optimizer
 from ..infer.scope import clone_param_state, module_params_kept
 from ..infer.svi import fit
-from ..model.network import NetworkModel
 from ..model.sites import structural_sites
 from ..util.sampling import draw, trace_model
-from ..util.validation import check_inputs
+from ..util.minibatch import scoring_kwargs
+from ..util.validation import check_inputs, check_seed, own_parameters
 from .estimate import Estimate
 from .exact import as_feature_matrix, as_precisions, as_targets, posterior_from_tensors
 
@@ -253,7 +254,7 @@ def cross_validation(model: Callable[..., Any], *args: Any, folds: int | Sequenc
                      num_particles: int = 1, num_samples: int = 1000,
                      chunk_size: int | None = None, pointwise: bool = False,
                      seed: int | None = None, progress: bool = False,
-                     **kwargs: Any) -> Estimate:
+                     memory_budget: int | None = None, **kwargs: Any) -> Estimate:
     r"""K-fold cross-validation of any Pyro model, with :math:`q` fitted by SVI on each fold.
 
     Every tensor argument of ``model(*args, **kwargs)`` with at least one
@@ -303,7 +304,10 @@ def cross_validation(model: Callable[..., Any], *args: Any, folds: int | Sequenc
     num_samples : int
         Draws S from each :math:`q_{-k}`.
     chunk_size : int, optional
-        Draws per vectorised pass.
+        At most this many draws per vectorised pass.
+    memory_budget : int, optional
+        Bytes one vectorised pass of held-out draws may use (default a quarter
+        of the available memory; see :func:`~pyro_structsel.util.sampling.draw`).
     pointwise : bool
         Score each held-out observation alone (elpd) instead of each fold jointly.
     seed : int, optional
@@ -336,7 +340,11 @@ def cross_validation(model: Callable[..., Any], *args: Any, folds: int | Sequenc
         raise ValueError(f"Expected lr > 0, but got {lr!r}.")
     if not callable(model):
         raise ValueError(f"Expected model to be a callable Pyro model, but got {model!r}.")
-    check_inputs(model, args, kwargs)
+    check_seed(seed)
+    if optim is not None:
+        as_pyro_optimizer(optim, lr=lr)
+    check_inputs(model, args, kwargs, caller="cross_validation",
+                 caller_params=own_parameters(cross_validation))
     if isinstance(guide, nn.Module):
         raise ValueError("cross_validation fits a fresh guide on each fold, but got a guide "
                          f"object ({type(guide).__name__}) that keeps its parameters in itself "
@@ -358,14 +366,14 @@ def cross_validation(model: Callable[..., Any], *args: Any, folds: int | Sequenc
         for k, test in enumerate(parts):
             train_args, train_kwargs = subset_rows(args, kwargs, training_index(num_data, test))
             test_args, test_kwargs = subset_rows(args, kwargs, test)
-            if isinstance(model, NetworkModel):  # score the whole held-out fold, no minibatch
-                test_kwargs.pop("batch_size", None)
+            test_kwargs = scoring_kwargs(test_kwargs)  # the whole held-out fold, no minibatch
             if seed is not None:
                 pyro.set_rng_seed(seed + k)
             with pyro.get_param_store().scope(clone_param_state(model_params)):
                 fitted = build_guide(model, guide, sites, train_args, train_kwargs, None)
                 losses = fit(model, fitted, train_args, train_kwargs, num_steps=num_steps,
-                             optim=optim if optim is not None else pyro.optim.Adam({"lr": lr}),
+                             optim=as_pyro_optimizer(optim, lr=lr) if optim is not None
+                             else pyro.optim.Adam({"lr": lr}),
                              num_particles=num_particles,
                              progress=progress,
                              description=f"cross_validation[{k + 1}/{len(parts)}]")
@@ -379,7 +387,8 @@ def cross_validation(model: Callable[..., Any], *args: Any, folds: int | Sequenc
 
                 draws = draw(model, trained_guide, test_args, test_kwargs,
                              num_samples=num_samples, chunk_size=chunk_size,
-                             pointwise=pointwise)
+                             pointwise=pointwise, memory_budget=memory_budget,
+                             what="cross_validation's held-out score")
             vectorized = vectorized and draws.vectorized
             if pointwise:
                 value = torch.zeros((), dtype=torch.float64)

@@ -309,6 +309,11 @@ def _parameters_in_graph(model: Callable[..., Any], guide: Callable[..., Any], a
     return {name for name, grad in zip(leaves, grads) if grad is not None}
 
 
+#: Hyperparameters of a BayesianModule that are learnable only with a flag, and the flag.
+LEARNABLE_FLAGS = {"prior_scale": "learn_prior_scale", "concentration": "learn_concentration",
+                   "temperature": "learn_temperature"}
+
+
 def _check_int(value: Any, argument: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"Expected {argument} to be an int >= {low}, but got {value!r}.")
@@ -420,9 +425,14 @@ def hyperparameter_problem(model: Callable[..., Any], *args: Any,
                              f"({type(error).__name__}: {error}); check the data.") from error
         unknown = [n for n in names if n not in model_params["params"]]
         if unknown:
+            fixed = {n: flag for n in unknown for key, flag in LEARNABLE_FLAGS.items()
+                     if n.rsplit(".", 1)[-1] == key}
+            hint = "".join(f" {n!r} is a fixed buffer unless the model makes it learnable: "
+                           f"build it with {flag}=True (e.g. ps.NetworkModel(..., {flag}=True))."
+                           for n, flag in fixed.items())
             raise ValueError(f"Unknown hyperparameter(s) {unknown}; the model's parameters are "
                              f"{sorted(model_params['params'])} (plus 'lr' and 'momentum', the "
-                             "inner optimiser's).")
+                             f"inner optimiser's).{hint}")
         sites = structural_sites(trace)
         with pyro.get_param_store().scope(clone_param_state(model_params)) as state:
             built = build_guide(model, guide, sites, args, kwargs, None)

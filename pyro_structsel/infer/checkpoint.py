@@ -42,7 +42,9 @@ from pyro.poutine.util import site_is_subsample
 
 from ..model.sites import OPTIONS_KEY
 from ..util.sampling import trace_model
+from ..util.minibatch import full_data
 from ..util.options import Resume
+from ..util.ranks import use_distributed
 from ..util.stacklevel import find_stack_level
 from ..util.validation import argument_names
 from .optim import optimizer_settings
@@ -225,15 +227,17 @@ def run_fingerprint(model: Callable[..., Any], args: tuple, kwargs: Mapping[str,
     """What identifies a fit: the model's sites, its inputs and its optimiser (plain data).
 
     ``sites``: every sample site (name → shape, observed or not, option labels
-    of structural sites); ``params``: the parameter store's names and shapes
+    of structural sites), traced on the full data in one process (so the
+    fingerprint does not depend on the rank or the minibatch); ``params``: the parameter store's names and shapes
     (the guide's and the model's, once the guide has been built);
     ``inputs``: every model argument (tensor: shape, dtype and
     :func:`data_hash`; number or string: its value); ``optimizer``:
     :func:`~pyro_structsel.infer.optim.optimizer_settings`.
     """
     rng = pyro.util.get_rng_state()  # the fingerprint must not move the random streams
-    try:
-        trace = trace_model(model, args, kwargs)
+    try:  # every rank and every minibatch size sees the same, full data
+        with use_distributed(False), full_data():
+            trace = trace_model(model, args, kwargs)
     finally:
         pyro.util.set_rng_state(rng)
     sites = {}

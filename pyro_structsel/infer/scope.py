@@ -7,6 +7,7 @@ of the model's parameters (learnable prior scales, noise), and a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Callable
@@ -14,11 +15,13 @@ from typing import Any, Callable
 import pyro
 import torch
 from pyro.nn import PyroModule
+from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from ..model.fix_messenger import pinned_sites
 from ..model.sites import StructuralSite, structural_sites
 from ..util.sampling import trace_model
+from ..util.validation import argument_names
 
 
 def _cached_module_params(model: Any) -> list[tuple[nn.Module, str, torch.Tensor]]:
@@ -58,19 +61,140 @@ def clone_param_state(state: Mapping[str, Any]) -> dict[str, Any]:
     return {"params": params, "constraints": dict(state["constraints"])}
 
 
+def _failure_hint(error: Exception, args: tuple, kwargs: Mapping[str, Any],
+                  model: Callable[..., Any]) -> str:
+    """What to check when the model fails on the data: the inputs' shapes and dtypes."""
+    tensors = [(name, value) for name, value in
+               list(zip(argument_names(model, len(args)), args)) + list(kwargs.items())
+               if torch.is_tensor(value)]
+    described = ", ".join(f"{name}: {tuple(value.shape)} {str(value.dtype).replace('torch.', '')}"
+                          for name, value in tensors)
+    text = str(error).lower()
+    if "dtype" in text or "scalar type" in text:
+        return (f"The tensor arguments are {described}, and torch computes in "
+                f"{str(torch.get_default_dtype()).replace('torch.', '')} by default: convert the "
+                "data to the dtype of the model's weights (e.g. x.float()).")
+    return (f"The tensor arguments are {described}: check that their shapes match the model "
+            "(plate sizes, the number of input features).")
+
+
+def _check_observations(trace: Any, args: tuple, kwargs: Mapping[str, Any],
+                        model: Callable[..., Any]) -> None:
+    """Observed values must fit their site: no broadcast that repeats them, within the support."""
+    inputs = list(zip(argument_names(model, len(args)), args)) + list(kwargs.items())
+    observed = [name for name in trace.observation_nodes
+                if not trace.nodes[name]["infer"].get("structsel_fixed")]
+    if not observed:
+        raise ValueError("The model observes no data: no sample site has obs=... (is the "
+                         "target argument, e.g. y, missing?). Pass the data to the model so "
+                         "that its likelihood sites are observed.")
+    for name in observed:
+        site = trace.nodes[name]
+        fn, value = site["fn"], site["value"]
+        if not torch.is_tensor(value):
+            continue
+        source = next((arg for arg, tensor in inputs if torch.is_tensor(tensor)
+                       and tensor.shape == value.shape and tensor.dtype == value.dtype
+                       and torch.equal(tensor, value)), None)
+        where = f"Observed site {name!r}" + (f" (argument {source!r})" if source else "")
+        batch = value.shape[: value.dim() - fn.event_dim]
+        expected = tuple(fn.batch_shape + fn.event_shape)
+        try:
+            scored = torch.broadcast_shapes(batch, fn.batch_shape)
+        except RuntimeError:
+            raise ValueError(f"{where} has shape {tuple(value.shape)}, which does not broadcast "
+                             f"with the batch shape {tuple(fn.batch_shape)} of its distribution "
+                             f"{type(fn).__name__}; pass observations of shape {expected}.") \
+                from None
+        if value.dim() < fn.event_dim or math.prod(scored) > max(math.prod(batch), 1):
+            raise ValueError(
+                f"{where} has shape {tuple(value.shape)}, but its distribution "
+                f"{type(fn).__name__} has batch shape {tuple(fn.batch_shape)} and event shape "
+                f"{tuple(fn.event_shape)}: its log-likelihood would broadcast to shape "
+                f"{tuple(scored)} and count each observation "
+                f"{math.prod(scored) // max(math.prod(batch), 1)} times. Pass the observations "
+                f"with shape {expected}"
+                + (" (e.g. y.squeeze(-1))" if value.dim() and value.shape[-1] == 1 else "")
+                + ".")
+        base = fn
+        while hasattr(base, "base_dist"):
+            base = base.base_dist
+        if isinstance(base, torch.distributions.Categorical) and base.logits.shape[-1] < 2:
+            raise ValueError(f"{where} has a categorical likelihood over "
+                             f"{base.logits.shape[-1]} class: there is nothing to predict. A "
+                             "classifier needs one output per class (at least 2); use a normal "
+                             "likelihood for a single real-valued target.")
+        try:
+            inside = bool(fn.support.check(value).all())
+        except (RuntimeError, ValueError, TypeError):
+            continue
+        if not inside:
+            hint = ""
+            if isinstance(base, torch.distributions.Categorical):
+                hint = (f" Class labels must be integers 0 .. {base.logits.shape[-1] - 1} (one "
+                        f"per output of the model), but they range from {value.min().item()} to "
+                        f"{value.max().item()}; relabel them (e.g. with "
+                        "torch.unique(y, return_inverse=True)) or give the model more outputs.")
+            raise ValueError(f"{where} has values outside the support {fn.support} of its "
+                             f"distribution {type(fn).__name__}.{hint}")
+
+
+def _check_structural_shapes(trace: Any, sites: Mapping[str, StructuralSite]) -> None:
+    """A structural site is one choice: refuse one with a batch of values (e.g. inside a plate)."""
+    for name in sites:
+        site = trace.nodes[name]
+        batch = tuple(site["fn"].batch_shape)
+        if math.prod(batch) > 1:
+            plates = [f"{frame.name!r} (size {frame.size})"
+                      for frame in site["cond_indep_stack"] if frame.vectorized]
+            raise ValueError(
+                f"Structural site {name!r} has batch shape {batch}"
+                + (f" because it sits inside plate {', '.join(plates)}" if plates else "")
+                + f": that is {math.prod(batch)} values of it (one per "
+                + ("observation" if plates else "batch element") + "), but a structure is one "
+                "option per structural site. Sample it outside the plate (or one site per "
+                "choice, e.g. ps.structure('layer1', ...), ps.structure('layer2', ...)).")
+
+
+def _site_signature(trace: Any) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(site["value"].shape) for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site_is_subsample(site)
+            and not site["is_observed"]}
+
+
 def model_sites_and_params(model: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]
                      ) -> tuple[dict[str, StructuralSite], dict[str, Any]]:
-    """Check the model runs on the data; return its structural sites and its own parameters."""
+    """Check the model runs on the data; return its structural sites and its own parameters.
+
+    Besides running it, checks what would otherwise give a silently wrong
+    fit: observed values whose shape broadcasts against their site (``y`` of
+    shape ``(N, 1)`` against ``N`` categorical rows scores ``N × N`` terms),
+    values outside the likelihood's support (class labels), a model without
+    observations, structural sites with a batch of values (inside the data
+    plate), and latent sites that change from one call to the next.
+    """
+    rng = pyro.util.get_rng_state()
     try:
         with pyro.get_param_store().scope() as model_params:
             trace = trace_model(model, args, kwargs)
-            trace.compute_log_prob()
-    except ValueError:
+            again = trace_model(model, args, kwargs)
+    except (ValueError, TypeError):  # the model's own checks (or its own bug): as they are
         raise
     except Exception as error:  # a shape clash inside torch or Pyro: say where to look
         raise ValueError(f"Running the model on the given data failed ({type(error).__name__}: "
-                         f"{error}). Check that the data sizes match the plates and the "
-                         "network's input size.") from error
+                         f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})"
+                         f". {_failure_hint(error, args, kwargs, model)}") from error
+    finally:
+        pyro.util.set_rng_state(rng)  # checking the model leaves the random streams alone
+    first, second = _site_signature(trace), _site_signature(again)
+    if first != second:
+        changed = sorted(set(first) ^ set(second)) or sorted(
+            name for name in first if first[name] != second[name])
+        raise ValueError(f"The model samples different latent sites from one call to the next "
+                         f"({', '.join(repr(n) for n in changed)} in one call but not the other, "
+                         "or with another shape): the guide is built for a fixed set of sites. "
+                         "Make the sites the same on every call (no Python branch on a random "
+                         "value), or pass a guide written for the model (guide=...).")
     for name in trace.observation_nodes:
         site = trace.nodes[name]
         for frame in site["cond_indep_stack"]:
@@ -83,9 +207,19 @@ def model_sites_and_params(model: Callable[..., Any], args: tuple, kwargs: Mappi
                     f"plate {frame.name!r} of size {frame.size} (dim {frame.dim}); pass data "
                     "whose size matches the plate."
                 )
+    _check_observations(trace, args, kwargs, model)
+    try:
+        trace.compute_log_prob()
+    except ValueError:
+        raise
+    except Exception as error:  # noqa: BLE001
+        raise ValueError(f"Scoring the data under the model failed ({type(error).__name__}: "
+                         f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})"
+                         f". {_failure_hint(error, args, kwargs, model)}") from error
     sites = structural_sites(trace)
     if not sites and not pinned_sites(trace):
         raise ValueError("The model has no structural site: sample a latent on the simplex, "
                          "e.g. gamma = ps.structure('layer', ['relu', 'tanh']) or a Dirichlet / "
                          "RelaxedOneHotCategorical site, to select among options.")
+    _check_structural_shapes(trace, sites)
     return sites, model_params

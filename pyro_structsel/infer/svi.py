@@ -8,6 +8,7 @@ run never killed.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import warnings
@@ -24,7 +25,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from ..util.options import Resume, parse_option
 from ..util.progress import progress_bar
 from ..util.ranks import is_distributed, rank
-from ..util.sampling import VectorizationWarning, max_plate_nesting
+from ..util.sampling import VectorizationWarning, first_line, max_plate_nesting
 from ..util.stacklevel import find_stack_level
 from . import distributed
 from .checkpoint import (
@@ -39,6 +40,8 @@ from .checkpoint import (
 from .guides import is_factorised, structure_guides
 from .optim import non_finite_state
 from .traced import NotTraceableError, TracedELBO
+
+logger = logging.getLogger(__name__)
 
 #: Constraints whose transform maps finite values to finite values (identity, softplus).
 _FINITE_WITH_UNCONSTRAINED = (type(constraints.real), type(constraints.softplus_positive))
@@ -195,8 +198,9 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
                            max_plate_nesting=nesting).loss(model, guide, *args, **kwargs)
         except Exception as error:  # noqa: BLE001
             vectorize = False
+            logger.debug("Vectorised particles failed:\n%s", error)
             warnings.warn(f"The model is not safe for vectorised particles "
-                          f"({type(error).__name__}: {error}); looping over particles.",
+                          f"({first_line(error)}); looping over particles.",
                           VectorizationWarning, stacklevel=3)
     elbo_class = FactorisedELBO if is_factorised(guide) else Trace_ELBO
     elbo: Any = elbo_class(num_particles=num_particles, vectorize_particles=vectorize,

@@ -117,7 +117,8 @@ class BayesianModule(PyroModule):
                  prefix: str = "") -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
-            raise ValueError(f"Expected a torch.nn.Module, but got {type(module).__name__}.")
+            raise ValueError(f"Expected module to be a torch.nn.Module (the network), but got "
+                             f"{type(module).__name__}.")
         self.network = module
         self.prefix = prefix
         self.structural_prior = dict(prior=prior, concentration=concentration,

@@ -273,8 +273,17 @@ def _linear_block(in_features: int, out_features: int, label: str) -> nn.Module:
     return nn.Sequential(nn.Linear(in_features, out_features), activation(label))
 
 
+def _check_activations(activations: Sequence[str]) -> None:
+    if isinstance(activations, str) or not isinstance(activations, Sequence):
+        raise ValueError(f"Expected activations to be a list of activation names, e.g. "
+                         f"['relu', 'tanh'], but got {activations!r}"
+                         + (f" (a string would be read letter by letter; write [{activations!r}"
+                            ", ...])." if isinstance(activations, str) else "."))
+
+
 def _hidden_layer(in_features: int, width: int, activations: Sequence[str], name: str,
                   shared_weights: bool) -> dict[str, nn.Module]:
+    _check_activations(activations)
     duplicates = sorted({a for a in activations if list(activations).count(a) > 1})
     if duplicates:  # a dict of candidates would silently drop them
         raise ValueError(f"Structural site {name!r} has duplicate activations {duplicates}; "
@@ -326,8 +335,12 @@ def two_hidden_layer(in_features: int, out_features: int, *, hidden: Sequence[in
     Parameters are as in :func:`one_hidden_layer`; ``hidden`` gives both widths
     and ``names`` both site names. Weights are shared across candidates by default.
     """
-    if len(hidden) != 2 or len(names) != 2:
-        raise ValueError(f"Expected two hidden widths and two names, got {hidden!r}, {names!r}.")
+    for argument, value in (("hidden", hidden), ("names", names)):
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+            raise ValueError(f"Expected {argument} to be a pair (one per hidden layer), e.g. "
+                             + ("hidden=(64, 64)" if argument == "hidden" else
+                                "names=('layer1', 'layer2')")
+                             + f", but got {argument}={value!r}.")
     _check_sizes(in_features=in_features, out_features=out_features, hidden=min(hidden))
     blocks: list[nn.Module] = []
     width_in = in_features

@@ -50,11 +50,32 @@ class FixStructureMessenger(Messenger):
             raise ValueError(
                 f"Expected structure to be a dict site name -> option, but got {structure!r}."
             )
+        bad = [name for name in structure if not isinstance(name, str)]
+        if bad:
+            raise ValueError(f"Expected the keys of structure to be site names (str), but got "
+                             f"{bad}.")
         super().__init__()
         self.structure = dict(structure)
+        self._seen: set[str] = set()
+        self._structural: list[str] = []
+
+    def __enter__(self) -> FixStructureMessenger:
+        self._seen, self._structural = set(), []
+        return super().__enter__()
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        super().__exit__(exc_type, exc_value, traceback)
+        missing = sorted(set(self.structure) - self._seen)
+        if exc_type is None and missing:  # a misspelled site would otherwise stay free
+            raise ValueError(
+                f"fix_structure names site(s) {missing} that the model never sampled; its "
+                f"structural sites are {self._structural}. Check the site names.")
 
     def _pyro_sample(self, msg: dict[str, Any]) -> None:
         name = msg["name"]
+        self._seen.add(name)
+        if is_structural(msg) or msg["infer"].get(PINNED_KEY) is not None:
+            self._structural.append(name)
         if name not in self.structure or msg["is_observed"]:
             return
         if not is_structural(msg):

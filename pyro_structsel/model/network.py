@@ -22,7 +22,7 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from ..util.options import Likelihood, parse_option
-from ..util.validation import check_finite
+from ..util.validation import check_finite, close_match, own_parameters
 from .bayesian import BayesianModule
 from .family import derive_network
 from .plate import data_plate
@@ -59,6 +59,16 @@ class NetworkModel(PyroModule):
 
     def __init__(self, network: nn.Module, *, likelihood: str = "categorical",
                  noise_scale: float = 1.0, **kwargs: Any) -> None:
+        if not isinstance(network, nn.Module):
+            raise ValueError(f"Expected network to be a torch.nn.Module (e.g. "
+                             f"ps.one_hidden_layer(4, 3)), but got {type(network).__name__}.")
+        options = own_parameters(BayesianModule.__init__)[2:]  # after self, module
+        for key in kwargs:
+            if key not in options:
+                near = close_match(key, options + ["likelihood", "noise_scale"])
+                raise TypeError(f"NetworkModel got an unexpected keyword argument {key!r}"
+                                + (f"; did you mean {near!r}?" if near else "")
+                                + f" It takes likelihood, noise_scale and {', '.join(options)}.")
         super().__init__()
         self.likelihood = parse_option(Likelihood, likelihood, "likelihood")
         if not noise_scale > 0:
@@ -80,7 +90,19 @@ class NetworkModel(PyroModule):
         self.check_data(x, y, batch_size)
         values = self.net.sample()
         with data_plate("data", x.shape[0], subsample_size=batch_size) as idx:
-            out = self.net.apply(values, x[idx])
+            try:
+                out = self.net.apply(values, x[idx])
+            except RuntimeError as error:  # a shape clash inside the network: name x
+                raise ValueError(
+                    f"The network cannot run on x of shape {tuple(x.shape)} "
+                    f"({str(error).strip().splitlines()[0]}). x needs one row per observation "
+                    f"and {self._input_description()}.") from error
+            if out.dim() < 2 or out.shape[-2] != len(idx):
+                raise ValueError(
+                    f"The network maps x of shape {tuple(x.shape)} to an output of shape "
+                    f"{tuple(out.shape)}, but the likelihood needs one output row per "
+                    f"observation, shape (..., {len(idx)}, outputs). Pass x with one row per "
+                    f"observation and {self._input_description()}.")
             obs = None if y is None else y[idx]
             if self.likelihood is Likelihood.CATEGORICAL:
                 return pyro.sample("obs", dist.Categorical(logits=out), obs=obs)
@@ -102,10 +124,29 @@ class NetworkModel(PyroModule):
             network = _with_parameters(network, state)
         return derive_network(network, structure)
 
+    def _input_description(self) -> str:
+        """What the first layer of the network takes, as far as it says."""
+        for module in self.network.modules():
+            if isinstance(module, nn.Linear):
+                return f"{module.in_features} features (shape (N, {module.in_features}))"
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                return f"{module.in_channels} channels (shape (N, {module.in_channels}, ...))"
+        return "the features the network's first layer takes"
+
     def check_data(self, x: torch.Tensor, y: torch.Tensor | None, batch_size: int | None
                     ) -> None:
         if not torch.is_tensor(x):
-            raise ValueError(f"Expected x to be a tensor, but got {type(x).__name__}.")
+            raise ValueError(f"Expected x to be a tensor, but got {type(x).__name__}; convert "
+                             "it with torch.as_tensor(x, dtype=torch.float32).")
+        weight = next(self.network.parameters())
+        if x.dtype != weight.dtype:
+            raise TypeError(
+                f"x has dtype {x.dtype}, but the network's weights are {weight.dtype}; pass "
+                f"x.to({weight.dtype}) (or build the model under torch.set_default_dtype).")
+        if x.dim() < 2:
+            raise ValueError(f"x has shape {tuple(x.shape)}, but the network needs one row per "
+                             f"observation and {self._input_description()}"
+                             + (" (x[:, None] for a single feature)." if x.dim() == 1 else "."))
         check_finite("x", x)
         if y is not None:
             if not torch.is_tensor(y):

@@ -14,6 +14,7 @@ from typing import Any
 import pyro
 import torch
 
+from ..util.minibatch import subsampling_allowed
 from ..util.ranks import is_distributed, rank, world_size
 
 
@@ -127,6 +128,8 @@ def data_plate(name: str, size: int, subsample_size: int | None = None,
     local shard would weight the likelihood by :math:`1/R`), its indices are
     the global rows of this rank's shard ``rank::R`` (index the full data
     with them), and ``subsample_size`` is the minibatch size per rank.
+    While evidence is scored (:func:`~pyro_structsel.util.minibatch.full_data`)
+    it takes every row whatever ``subsample_size`` says.
 
     Example
     -------
@@ -140,6 +143,8 @@ def data_plate(name: str, size: int, subsample_size: int | None = None,
                                        or subsample_size < 1):
         raise ValueError(f"Expected subsample_size of plate {name!r} to be a positive int or "
                          f"None, but got {subsample_size!r}.")
+    if not subsampling_allowed():  # evidence is being scored: every row (see util.minibatch)
+        subsample_size = None
     if not is_distributed():  # a minibatch of the whole plate or more is the whole plate
         whole = subsample_size is not None and isinstance(size, int) and subsample_size >= size
         return pyro.plate(name, size, None if whole else subsample_size, dim=dim,

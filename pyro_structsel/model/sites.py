@@ -17,6 +17,7 @@ relaxation of discrete random variables. ICLR 2017.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -78,11 +79,24 @@ class StructuralSite:
         return self.labels[index] if self.labels is not None else int(index)
 
     def index(self, option: str | int) -> int:
-        """The index of ``option`` (a label or an index); ``ValueError`` if unknown."""
+        """The index of ``option`` (a label or an index); ``ValueError`` if unknown or ambiguous.
+
+        An int is an index, except that an int which is also the label of
+        another option (labels ``["1", "0"]`` and option ``1``) is ambiguous
+        and refused: pass the label as a string.
+        """
         if isinstance(option, str) and self.labels is not None and option in self.labels:
             return self.labels.index(option)
-        if isinstance(option, (int,)) and not isinstance(option, bool):
+        if isinstance(option, numbers.Integral) and not isinstance(option, bool):
             if 0 <= option < self.num_options:
+                if self.labels is not None and str(option) in self.labels and \
+                        self.labels.index(str(option)) != option:
+                    raise ValueError(
+                        f"Option {option!r} of structural site {self.name!r} is ambiguous: the "
+                        f"site's labels are {list(self.labels)}, so {option!r} could be the "
+                        f"label {str(option)!r} (index {self.labels.index(str(option))}) or the "
+                        f"index {option} (label {self.labels[option]!r}). Pass the label as a "
+                        f"string, e.g. {str(option)!r}.")
                 return int(option)
         valid = ", ".join(repr(o) for o in (self.labels or range(self.num_options)))
         raise ValueError(
@@ -213,6 +227,9 @@ def structure(
     -------
     >>> gamma = structure("activation", ["relu", "tanh"], concentration=0.5)
     """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"Expected name to be a non-empty str (the Pyro site name), but got "
+                        f"{name!r}.")
     fn, labels = structural_prior(name, options, prior=prior, concentration=concentration,
                                   temperature=temperature, logits=logits)
     value = pyro.sample(name, fn, infer={OPTIONS_KEY: labels})

@@ -50,7 +50,11 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from torch import nn
 
+from ..util.memory import AllocationCounter, chunk_size_for
+from ..util.memory import memory_budget as resolve_budget
+from ..util.minibatch import MINIBATCH_KWARGS, full_data
 from ..util.sampling import Draws, draw, max_plate_nesting, trace_model
+from ..util.validation import check_seed
 from ..util.version import VERSION
 from .diagnostics import diagnose_draws
 from .fitted import FittedSelection
@@ -60,9 +64,6 @@ if TYPE_CHECKING:
 
 
 _PRIOR_PLATE = "_structsel_prior_draws"
-
-#: Model keyword arguments dropped so that the export sees the full data.
-MINIBATCH_KWARGS = ("batch_size",)
 
 
 def _import_arviz() -> Any:
@@ -114,22 +115,43 @@ def _prior_pass(model: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any
 
 
 def prior_draws(model: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any],
-                 names: list[str], num: int, vectorize: bool) -> dict[str, torch.Tensor]:
-    """Prior draws of ``names`` (leading dimension ``num``), stopping the model early."""
+                names: list[str], num: int, vectorize: bool,
+                memory_budget: int | None = None) -> dict[str, torch.Tensor]:
+    """Prior draws of ``names`` (leading dimension ``num``), stopping the model early.
+
+    Vectorised in chunks sized from two probe draws to fit the memory budget
+    (see :func:`~pyro_structsel.util.sampling.draw`).
+    """
     if not names:
         return {}
     if vectorize:
         try:
             nesting = max_plate_nesting(model, args, kwargs)
-            values = _prior_pass(model, args, kwargs, names, num, nesting)
-            out = {}
-            for name, (value, event_dim) in values.items():
-                batch = value.shape[: value.dim() - event_dim]
-                if batch.numel() != num:
-                    raise ValueError(f"site {name!r} is not batched over prior draws")
-                out[name] = value.reshape((num,) + value.shape[value.dim() - event_dim:])
-            return out
-        except Exception:  # noqa: BLE001 -- as in _sampling.draw: not vectorisable
+
+            def batch(size: int) -> dict[str, torch.Tensor]:
+                out = {}
+                for name, (value, event_dim) in _prior_pass(model, args, kwargs, names, size,
+                                                            nesting).items():
+                    if value.shape[: value.dim() - event_dim].numel() != size:
+                        raise ValueError(f"site {name!r} is not batched over prior draws")
+                    out[name] = value.reshape((size,) + value.shape[value.dim() - event_dim:])
+                return out
+
+            probe_size = min(2, num)
+            counter = AllocationCounter()
+            with counter:
+                parts = [batch(probe_size)]
+            kept = sum(v.numel() * v.element_size() for v in parts[0].values()) / probe_size
+            chunk = chunk_size_for(counter.allocated / probe_size, kept, num,
+                                   resolve_budget(memory_budget), "The prior draws")
+            done = probe_size
+            while done < num:
+                parts.append(batch(min(chunk, num - done)))
+                done += min(chunk, num - done)
+            return {name: torch.cat([part[name] for part in parts]) for name in names}
+        except MemoryError:
+            raise
+        except Exception:  # noqa: BLE001 -- as in sampling.draw: not vectorisable
             pass
     passes = [_prior_pass(model, args, kwargs, names, None, 0) for _ in range(num)]
     return {name: torch.stack([p[name][0] for p in passes]) for name in names}
@@ -181,8 +203,10 @@ class _InferenceDataConverter:
 
     def __init__(self, result: FittedSelection, *, num_samples: int, include_weights: bool,
                  num_prior_samples: int, model_kwargs: Mapping[str, Any] | None,
-                 chunk_size: int | None, vectorize: bool | None, warn: bool) -> None:
+                 chunk_size: int | None, vectorize: bool | None, warn: bool,
+                 memory_budget: int | None = None) -> None:
         self.result = result
+        self.memory_budget = memory_budget
         self.num_samples = num_samples
         self.include_weights = include_weights
         self.num_prior_samples = num_prior_samples
@@ -224,10 +248,12 @@ class _InferenceDataConverter:
         latents = self.structural + (self.weights if include_weights else [])
         draws = draw(result.model, result.guide, result.args, self.kwargs,
                      num_samples=self.num_samples, chunk_size=self.chunk_size,
-                     vectorize=self.vectorize, keep=latents, pointwise=True)
+                     vectorize=self.vectorize, keep=latents, pointwise=True,
+                     memory_budget=self.memory_budget, what="to_inference_data")
         self.prior = prior_draws(result.model, result.args, self.kwargs, latents,
-                                  self.num_prior_samples,
-                                  vectorize=draws.vectorized and self.vectorize is not False)
+                                 self.num_prior_samples,
+                                 vectorize=draws.vectorized and self.vectorize is not False,
+                                 memory_budget=self.memory_budget)
         return draws
 
     def _latent_group(self, values: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -312,7 +338,7 @@ class _InferenceDataConverter:
         import xarray as xr
 
         result = self.result
-        with result.param_scope(), torch.no_grad():
+        with result.param_scope(), torch.no_grad(), full_data():
             self._inspect_model()
             draws = self._draw()
         diagnostics = diagnose_draws(draws.log_weights, result.losses, warn=self.warn)
@@ -355,7 +381,8 @@ def to_inference_data(result: FittedSelection, *, num_samples: int = 1000,
                       include_weights: bool = False, num_prior_samples: int | None = None,
                       model_kwargs: Mapping[str, Any] | None = None,
                       chunk_size: int | None = None, vectorize: bool | None = None,
-                      seed: int | None = None, warn: bool = True) -> arviz.InferenceData:
+                      seed: int | None = None, warn: bool = True,
+                      memory_budget: int | None = None) -> arviz.InferenceData:
     r"""Convert a structure-selection fit to ArviZ ``InferenceData``.
 
     Draws :math:`z_s \sim q` in one vectorised pass (falling back to one draw
@@ -396,7 +423,8 @@ def to_inference_data(result: FittedSelection, *, num_samples: int = 1000,
     model_kwargs : dict, optional
         Keyword arguments of the model that replace those of the fit.
     chunk_size : int, optional
-        Draws per vectorised pass, to bound memory (default: all in one pass).
+        At most this many draws per vectorised pass (default: as many as the
+        memory budget allows).
     vectorize : bool, optional
         ``False``: draw one at a time; ``True``: fail rather than fall back;
         ``None`` (default): vectorise, fall back with a warning.
@@ -406,6 +434,12 @@ def to_inference_data(result: FittedSelection, *, num_samples: int = 1000,
         Warn (:class:`~pyro_structsel.ParetoKWarning`,
         :class:`~pyro_structsel.ConvergenceWarning`) when a
         diagnostic fails.
+    memory_budget : int, optional
+        Bytes one vectorised pass (plus the draws kept) may use; default a
+        quarter of the available memory. Two draws go first to measure what
+        a draw needs and to check the model broadcasts over draws (one that
+        does not, e.g. ``x @ W1 + b1``, is drawn one at a time); a budget too
+        small for the draws kept raises ``MemoryError``.
 
     Returns
     -------
@@ -433,10 +467,19 @@ def to_inference_data(result: FittedSelection, *, num_samples: int = 1000,
             raise ValueError(f"Expected {argument} to be a positive int, but got {value!r}.")
     if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
         raise ValueError(f"Expected model_kwargs to be a dict, but got {model_kwargs!r}.")
+    if not hasattr(result, "param_scope") or not hasattr(result, "guide"):
+        raise TypeError(f"Expected result to be a SelectionResult (from ps.select_structure), "
+                        f"but got {type(result).__name__}.")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"Expected chunk_size to be a positive int or None, but got "
+                         f"{chunk_size!r}.")
+    check_seed(seed)
+    resolve_budget(memory_budget)  # refuse a bad budget before drawing
     converter = _InferenceDataConverter(
         result, num_samples=num_samples, include_weights=include_weights,
         num_prior_samples=num_prior_samples or num_samples, model_kwargs=model_kwargs,
-        chunk_size=chunk_size, vectorize=vectorize, warn=warn)
+        chunk_size=chunk_size, vectorize=vectorize, warn=warn, memory_budget=memory_budget)
     if seed is None:
         return converter.convert()
     with torch.random.fork_rng(devices=[]):

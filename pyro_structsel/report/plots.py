@@ -282,7 +282,13 @@ def _losses(data: Any) -> np.ndarray:
         return np.asarray(data.elbo_trace["loss"].values, dtype=float)
     if hasattr(data, "losses"):
         return np.asarray(data.losses, dtype=float)
-    return np.asarray(data, dtype=float).reshape(-1)
+    try:
+        if isinstance(data, (str, bytes)):
+            raise ValueError("a string")
+        return np.asarray(data, dtype=float).reshape(-1)
+    except (TypeError, ValueError):
+        raise TypeError(f"Expected data to be a SelectionResult, an InferenceData with an "
+                        f"elbo_trace group or a sequence of losses, but got {data!r}.") from None
 
 
 def plot_elbo(data: FittedSelection | Any, *, window: float = 0.2, smooth: int | None = None,

@@ -38,7 +38,16 @@ from ..model.network import NetworkModel
 from ..util.options import Resume, parse_option
 from ..util.ranks import resolve_distributed, use_distributed
 from ..util.sampling import draw_guide, max_plate_nesting, trace_model
-from ..util.validation import check_inputs
+from ..util.minibatch import check_full_data, full_data, scoring_kwargs
+from ..util.validation import (
+    check_callable,
+    check_flag,
+    check_inputs,
+    check_int,
+    check_positive,
+    check_seed,
+    own_parameters,
+)
 from .result import SelectionResult
 
 
@@ -46,13 +55,16 @@ def _temperature_schedule(temperature: float | tuple[float, float] | None, num_s
                           ) -> tuple[float | None, Callable[[int], float] | None]:
     if temperature is None:
         return None, None
-    if isinstance(temperature, (int, float)):
-        if not temperature > 0:
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+        if not (temperature > 0 and math.isfinite(temperature)):
             raise ValueError(f"Expected temperature > 0, but got {temperature!r}.")
         return float(temperature), None
+    if isinstance(temperature, (str, bytes)) or not isinstance(temperature, Sequence) or len(
+            temperature) != 2 or not all(isinstance(t, (int, float)) and not isinstance(t, bool)
+                                         and t > 0 and math.isfinite(t) for t in temperature):
+        raise ValueError(f"Expected temperature to be a number T > 0 or a pair (T0, T1) of them "
+                         f"(annealed from T0 to T1), but got {temperature!r}.")
     start, end = temperature
-    if not (start > 0 and end > 0):
-        raise ValueError(f"Expected temperatures > 0, but got {temperature!r}.")
 
     def schedule(step: int) -> float:  # geometric annealing from start to end
         return float(start * (end / start) ** (step / max(num_steps - 1, 1)))
@@ -188,14 +200,17 @@ def select_structure(
     O. Bakhteev, V. Strijov. Deep learning model selection of suboptimal
     complexity. Automation and Remote Control, 2018.
     """
-    for argument, value, low in (("num_steps", num_steps, 1), ("num_particles", num_particles, 1),
-                                 ("num_restarts", num_restarts, 1),
-                                 ("num_evidence_samples", num_evidence_samples, 1),
-                                 ("checkpoint_every", checkpoint_every, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"Expected {argument} to be an int >= {low}, but got {value!r}.")
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"Expected lr > 0, but got {lr!r}.")
+    for argument, value in (("num_steps", num_steps), ("num_particles", num_particles),
+                            ("num_restarts", num_restarts),
+                            ("num_evidence_samples", num_evidence_samples),
+                            ("checkpoint_every", checkpoint_every)):
+        check_int(value, argument)
+    check_positive(lr, "lr")
+    check_seed(seed)
+    check_callable(callback, "callback")
+    check_flag(vectorize_particles, "vectorize_particles", allow_none=True)
+    check_flag(distributed, "distributed", allow_none=True)
+    _temperature_schedule(temperature, num_steps)
     if optim is not None:
         as_pyro_optimizer(optim, lr=lr)  # refuse a string or a torch optimiser object now
     parse_option(Resume, resume, "resume")
@@ -204,11 +219,15 @@ def select_structure(
     estimators = check_estimator_names(evidence)
     if not callable(model):
         raise ValueError(f"Expected model to be a callable Pyro model, but got {model!r}.")
-    check_inputs(model, args, kwargs)
+    check_inputs(model, args, kwargs, caller="select_structure",
+                 caller_params=own_parameters(select_structure))
     sharded = resolve_distributed(distributed)
     with module_params_kept(model), use_distributed(sharded):  # a fit never changes the
         # model's own parameters; in a distributed fit each rank sees its shard of the data
         sites, model_params = model_sites_and_params(model, args, kwargs)
+        with full_data(), use_distributed(False):  # the evidence needs every row: say so now
+            check_full_data(trace_model(model, args, scoring_kwargs(kwargs)),
+                            "select_structure scores the fit on the full data and")
         initial_temperature, schedule = _temperature_schedule(temperature, num_steps)
 
         runs = []
@@ -246,10 +265,9 @@ def select_structure(
 
 def _score(result: SelectionResult, estimators: list[EvidenceMethod], num_samples: int
            ) -> None:
-    model, guide, args, kwargs = result.model, result.guide, result.args, result.kwargs
-    if isinstance(model, NetworkModel):  # score on the full data, not on a minibatch
-        kwargs = {key: value for key, value in kwargs.items() if key != "batch_size"}
-    with result.param_scope():
+    model, guide, args = result.model, result.guide, result.args
+    kwargs = scoring_kwargs(result.kwargs)  # score on the full data, not on a minibatch
+    with result.param_scope(), full_data():
         result.pinned = pinned_sites(trace_model(model, args, kwargs))
         for name, (site, option) in result.pinned.items():  # fixed by fix_structure: certain
             result.structure[name] = option

@@ -8,8 +8,10 @@ value, ...) falls back to drawing one at a time, with a warning.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,9 +21,14 @@ from pyro import poutine
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 
+from .memory import AllocationCounter, chunk_size_for
+from .memory import memory_budget as resolve_budget
+from .minibatch import check_full_data, full_data
 from .stacklevel import find_stack_level
 
 _DRAWS_PLATE = "_structsel_draws"
+
+logger = logging.getLogger(__name__)
 
 
 class VectorizationWarning(UserWarning):
@@ -142,14 +149,19 @@ def _vectorized(model: Callable[..., Any], guide: Callable[..., Any], args: tupl
 
 def _one_at_a_time(model: Callable[..., Any], guide: Callable[..., Any], args: tuple,
                    kwargs: Mapping[str, Any], num: int, keep: Iterable[str],
-                   pointwise: bool) -> Draws:
+                   pointwise: bool, budget: int | None = None,
+                   what: str = "The evidence estimate") -> Draws:
     parts = []
     keep = list(keep)
-    for _ in range(num):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs)
-        parts.append(_score(model_trace, guide_trace, 1, None, keep, pointwise))
+    for i in range(num):
+        counter = AllocationCounter()
+        with counter if i == 0 and budget is not None else nullcontext():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *args, **kwargs)
+            parts.append(_score(model_trace, guide_trace, 1, None, keep, pointwise))
+        if i == 0 and budget is not None:  # what is kept of every draw must fit too
+            chunk_size_for(counter.allocated, _nbytes(parts[0]), num, budget, what)
     return Draws(
         torch.cat([p.log_likelihood for p in parts]),
         torch.cat([p.log_prior for p in parts]),
@@ -161,12 +173,35 @@ def _one_at_a_time(model: Callable[..., Any], guide: Callable[..., Any], args: t
     )
 
 
+def _nbytes(draws: Draws) -> int:
+    """Bytes of what a :class:`Draws` keeps (values and pointwise log-likelihoods)."""
+    tensors = list(draws.values.values()) + list(draws.pointwise.values())
+    return sum(t.numel() * t.element_size() for t in tensors) + 3 * 8 * draws.num_samples
+
+
+def first_line(error: BaseException) -> str:
+    """``Type: first line of the message`` (Pyro appends whole trace-shape tables)."""
+    lines = str(error).strip().splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0][:300]}"
+
+
 @torch.no_grad()
 def draw(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
          kwargs: Mapping[str, Any] | None = None, *, num_samples: int = 100,
          chunk_size: int | None = None, vectorize: bool | None = None,
-         keep: Iterable[str] = (), pointwise: bool = False) -> Draws:
-    """Draw ``z ~ q`` ``num_samples`` times and score each under the model.
+         keep: Iterable[str] = (), pointwise: bool = False,
+         memory_budget: int | None = None, what: str = "The evidence estimate",
+         num_argument: str = "num_samples") -> Draws:
+    """Draw ``z ~ q`` ``num_samples`` times and score each under the model, on the full data.
+
+    Two draws go first, vectorised, under an allocation counter: their
+    shapes are checked (a model that broadcasts a batch of weights wrongly,
+    ``x @ W1 + b1``, falls back to one draw at a time before it allocates
+    :math:`n^2` times the memory) and their bytes size the chunks of the
+    rest so that one pass stays within ``memory_budget`` (see
+    :mod:`pyro_structsel.util.memory`). :func:`~pyro_structsel.data_plate`
+    takes every row here (:func:`~pyro_structsel.util.minibatch.full_data`),
+    and a model whose observations are still subsampled is refused.
 
     Parameters
     ----------
@@ -175,7 +210,8 @@ def draw(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
     num_samples : int
         Number of draws.
     chunk_size : int, optional
-        Draws per vectorised pass (bounds memory); default all at once.
+        At most this many draws per vectorised pass (the memory budget may
+        choose fewer).
     vectorize : bool, optional
         ``False`` draws one at a time; ``None`` (default) tries vectorised
         draws and falls back with a :class:`VectorizationWarning`.
@@ -183,30 +219,58 @@ def draw(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
         Site values to keep, returned with a leading draw dimension.
     pointwise : bool
         Also keep the log-likelihood of each observation, per observed site.
+    memory_budget : int, optional
+        Bytes one pass (plus everything kept) may use; default a quarter of
+        the available memory (:func:`~pyro_structsel.util.memory.memory_budget`).
+    what, num_argument : str
+        How errors name the caller's estimate and its number of draws.
     """
     kwargs = dict(kwargs or {})
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"Expected num_samples to be a positive int, but got {num_samples!r}.")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"Expected {num_argument} to be a positive int, but got "
+                         f"{num_samples!r}.")
+    if chunk_size is not None and (isinstance(chunk_size, bool)
+                                   or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"Expected chunk_size to be a positive int or None, but got "
+                         f"{chunk_size!r}.")
+    budget = resolve_budget(memory_budget)
     keep = list(keep)
-    chunk = chunk_size or num_samples
-    sizes = [min(chunk, num_samples - start) for start in range(0, num_samples, chunk)]
-    if vectorize is not False:
-        nesting = max_plate_nesting(model, args, kwargs)
-        try:
-            parts = [_vectorized(model, guide, args, kwargs, n, nesting, keep, pointwise)
-                     for n in sizes]
-        except Exception as error:  # noqa: BLE001 -- any failure means "not vectorisable"
-            if vectorize:
+    with full_data():
+        trace = trace_model(model, args, kwargs)
+        check_full_data(trace, what)
+        if vectorize is not False:
+            nesting = max_plate_nesting(model, args, kwargs)
+            probe_size = min(2, num_samples)
+            counter = AllocationCounter()
+            try:
+                with counter:
+                    probe = _vectorized(model, guide, args, kwargs, probe_size, nesting, keep,
+                                        pointwise)
+                chunk = chunk_size_for(counter.allocated / probe_size,
+                                       _nbytes(probe) / probe_size, num_samples, budget, what)
+                chunk = min(chunk, chunk_size or chunk)
+                parts, done = [probe], probe_size
+                while done < num_samples:
+                    size = min(chunk, num_samples - done)
+                    parts.append(_vectorized(model, guide, args, kwargs, size, nesting, keep,
+                                             pointwise))
+                    done += size
+            except MemoryError:
                 raise
-            warnings.warn(
-                f"The model is not safe for vectorised draws ({type(error).__name__}: "
-                f"{error}); drawing one at a time, which is slower but gives the same "
-                "results. Write the model so that latent values with extra leading batch "
-                "dimensions broadcast (or use ps.BayesianModule) to vectorise.",
-                VectorizationWarning, stacklevel=find_stack_level())
-        else:
-            return _concat(parts)
-    return _one_at_a_time(model, guide, args, kwargs, num_samples, keep, pointwise)
+            except Exception as error:  # noqa: BLE001 -- any failure means "not vectorisable"
+                if vectorize:
+                    raise
+                logger.debug("Vectorised draws failed:\n%s", error)
+                warnings.warn(
+                    f"The model is not safe for vectorised draws ({first_line(error)}); drawing "
+                    "one at a time, which is slower but gives the same results. Let latent "
+                    "values with extra leading batch dimensions broadcast (or use "
+                    "ps.BayesianModule) to vectorise.",
+                    VectorizationWarning, stacklevel=find_stack_level())
+            else:
+                return _concat(parts)
+        return _one_at_a_time(model, guide, args, kwargs, num_samples, keep, pointwise, budget,
+                              what)
 
 
 def _concat(parts: list[Draws]) -> Draws:
@@ -224,29 +288,46 @@ def _concat(parts: list[Draws]) -> Draws:
 
 @torch.no_grad()
 def draw_guide(guide: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any],
-               names: Iterable[str], *, num_samples: int, nesting: int = 0
-               ) -> dict[str, torch.Tensor]:
+               names: Iterable[str], *, num_samples: int, nesting: int = 0,
+               memory_budget: int | None = None) -> dict[str, torch.Tensor]:
     """Values of sites ``names`` in ``num_samples`` draws from the guide alone (leading ``n``).
 
     ``nesting`` is the model's plate nesting (:func:`max_plate_nesting`).
-    Falls back to one draw at a time if the guide cannot be vectorised.
+    Vectorised in chunks that fit the memory budget (as :func:`draw`); falls
+    back to one draw at a time if the guide cannot be vectorised.
     """
     names = list(names)
 
-    def plated(*a: Any, **k: Any) -> Any:
-        with pyro.plate(_DRAWS_PLATE, num_samples, dim=-(nesting + 1)):
-            return guide(*a, **k)
+    def vectorised(num: int) -> dict[str, torch.Tensor]:
+        def plated(*a: Any, **k: Any) -> Any:
+            with pyro.plate(_DRAWS_PLATE, num, dim=-(nesting + 1)):
+                return guide(*a, **k)
 
-    try:
         trace = poutine.trace(plated).get_trace(*args, **kwargs)
         out = {}
         for name in names:
             site = trace.nodes[name]
             value, event_dim = site["value"], site["fn"].event_dim
-            if value.shape[: value.dim() - event_dim].numel() != num_samples:
+            if value.shape[: value.dim() - event_dim].numel() != num:
                 raise ValueError(f"site {name!r} is not batched over draws")
-            out[name] = value.reshape((num_samples,) + value.shape[value.dim() - event_dim:])
+            out[name] = value.reshape((num,) + value.shape[value.dim() - event_dim:])
         return out
+
+    try:
+        probe_size = min(2, num_samples)
+        counter = AllocationCounter()
+        with counter:
+            parts = [vectorised(probe_size)]
+        kept = sum(v.numel() * v.element_size() for v in parts[0].values()) / probe_size
+        chunk = chunk_size_for(counter.allocated / probe_size, kept, num_samples,
+                               resolve_budget(memory_budget), "Drawing from the guide")
+        done = probe_size
+        while done < num_samples:
+            parts.append(vectorised(min(chunk, num_samples - done)))
+            done += min(chunk, num_samples - done)
+        return {name: torch.cat([part[name] for part in parts]) for name in names}
+    except MemoryError:
+        raise
     except Exception:  # noqa: BLE001 -- not vectorisable: draw one at a time
         traces = [poutine.trace(guide).get_trace(*args, **kwargs) for _ in range(num_samples)]
         return {name: torch.stack([t.nodes[name]["value"] for t in traces]) for name in names}
