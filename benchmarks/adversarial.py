@@ -1186,6 +1186,160 @@ def _m_kfold() -> Any:
     return ps.kfold_indices(1, 2)
 
 
+def _fitted(fn: Callable[..., Any]) -> Any:
+    result = toy_result()
+    x, y = toy_data()
+    with result.param_scope():
+        return fn(result, x, y)
+
+
+@case("estimators", "gradient_descent_evidence(num_restarts=0)", keywords=("num_restarts",))
+def _e_gd_restarts() -> Any:
+    x, y = toy_data()
+    fixed = ps.fix_structure(toy_model, {"basis": "sin"})
+    return ps.gradient_descent_evidence(fixed, None, x, y, num_restarts=0, num_steps=5)
+
+
+@case("estimators", "gradient_descent_evidence(step_size=-1)", keywords=("step_size",))
+def _e_gd_step() -> Any:
+    x, y = toy_data()
+    fixed = ps.fix_structure(toy_model, {"basis": "sin"})
+    return ps.gradient_descent_evidence(fixed, None, x, y, step_size=-1.0, num_steps=5)
+
+
+@case("estimators", "gradient_descent_evidence(log_det='bogus')", keywords=("bogus",))
+def _e_gd_logdet() -> Any:
+    x, y = toy_data()
+    fixed = ps.fix_structure(toy_model, {"basis": "sin"})
+    return ps.gradient_descent_evidence(fixed, None, x, y, log_det="bogus", num_steps=5)
+
+
+@case("estimators", "gradient_descent_evidence on a subsampled plate",
+      keywords=(("subsample", "minibatch"),))
+def _e_gd_subsampled() -> Any:
+    x, y = toy_data()
+    fixed = ps.fix_structure(_subsampled_model, {"basis": "sin"})
+    return ps.gradient_descent_evidence(fixed, None, x, y, num_restarts=2, num_steps=5)
+
+
+@case("estimators", "laplace on a subsampled plate", keywords=(("subsample", "minibatch"),))
+def _e_laplace_subsampled() -> Any:
+    x, y = toy_data()
+    return ps.laplace(ps.fix_structure(_subsampled_model, {"basis": "sin"}), None, x, y)
+
+
+@case("estimators", "laplace(max_iter=0)", keywords=("max_iter",))
+def _e_laplace_iter() -> Any:
+    x, y = toy_data()
+    return ps.laplace(ps.fix_structure(toy_model, {"basis": "sin"}), None, x, y, max_iter=0)
+
+
+@case("estimators", "laplace with data of the wrong shape", keywords=(("'obs'", "shape"),))
+def _e_laplace_shape() -> Any:
+    x, y = toy_data()
+    return ps.laplace(ps.fix_structure(toy_model, {"basis": "sin"}), None, x, y[:, None])
+
+
+@case("estimators", "structural_complexity(num_samples=0)", keywords=("num_samples",))
+def _e_struct_samples() -> Any:
+    return _fitted(lambda r, x, y: ps.structural_complexity(toy_model, r.guide, x, y,
+                                                            num_samples=0))
+
+
+@case("estimators", "parametric_complexity with guide=None", keywords=("guide",))
+def _e_param_guide() -> Any:
+    x, y = toy_data()
+    return ps.parametric_complexity(toy_model, None, x, y)
+
+
+@case("estimators", "ggn_laplace on a user model", keywords=("NetworkModel",))
+def _e_ggn_user() -> Any:
+    x, y = toy_data()
+    return ps.ggn_laplace(toy_model, x, y, structure={"basis": "sin"})
+
+
+@case("estimators", "ggn_laplace(hessian_structure='bogus')", keywords=("bogus",))
+def _e_ggn_bogus() -> Any:
+    x, y = cls_data()
+    return ps.ggn_laplace(net_model(), x, y, structure={"activation": "relu"},
+                          hessian_structure="bogus")
+
+
+@case("estimators", "ggn_laplace with an unknown option", keywords=("activation",))
+def _e_ggn_option() -> Any:
+    x, y = cls_data()
+    return ps.ggn_laplace(net_model(), x, y, structure={"activation": "swish"})
+
+
+@case("estimators", "diagnose(num_samples=0)", keywords=("num_samples",))
+def _e_diagnose() -> Any:
+    return ps.diagnose(toy_result(), num_samples=0)
+
+
+@case("estimators", "diagnose(window=0)", keywords=("window",))
+def _e_diagnose_window() -> Any:
+    return ps.diagnose(toy_result(), num_samples=20, window=0.0)
+
+
+@case("estimators", "elbo_convergence of an empty trace", expect="error_or_warn",
+      keywords=("steps",))
+def _e_convergence() -> Any:
+    return ps.elbo_convergence([])
+
+
+@case("estimators", "blr_log_evidence with a negative prior precision",
+      keywords=("prior_precision",))
+def _e_blr() -> Any:
+    phi = torch.randn(10, 3)
+    return ps.blr_log_evidence(phi, torch.randn(10), prior_precision=-1.0, noise_precision=1.0)
+
+
+@case("estimators", "blr_log_evidence with targets of other rows", keywords=("targets",))
+def _e_blr_rows() -> Any:
+    phi = torch.randn(10, 3)
+    return ps.blr_log_evidence(phi, torch.randn(9), prior_precision=1.0, noise_precision=1.0)
+
+
+@case("estimators", "polynomial_features(degree=-1)", keywords=("degree",))
+def _e_poly() -> Any:
+    return ps.polynomial_features(torch.randn(5), -1)
+
+
+@case("estimators", "load_digits(subsample=3)", keywords=("subsample",))
+def _e_digits() -> Any:
+    return ps.load_digits(subsample=3)
+
+
+@case("estimators", "load_digits(test_size=1.5)", keywords=("test_size",))
+def _e_digits_test() -> Any:
+    return ps.load_digits(test_size=1.5)
+
+
+@case("report", "plot_structure_posterior(interval=1.5)", keywords=("interval",))
+def _r_interval() -> Any:
+    return ps.plot_structure_posterior(toy_result(), interval=1.5, num_samples=10)
+
+
+@case("report", "plot_simplex of a site with two options", keywords=(("three", "3"),))
+def _r_simplex_two() -> Any:
+    return ps.plot_simplex(toy_result(), site="basis", num_samples=10)
+
+
+@case("report", "to_inference_data(memory_budget=-1)", keywords=("memory_budget",))
+def _r_budget() -> Any:
+    return ps.to_inference_data(toy_result(), num_samples=10, memory_budget=-1)
+
+
+@case("report", "summary() and fixed_model() of a fit", expect="ok",
+      check=lambda r: len(r) == 2)
+def _r_summary() -> Any:
+    result = toy_result()
+    x, y = toy_data()
+    trace = pyro.poutine.trace(result.fixed_model()).get_trace(x, y)
+    assert trace.nodes["basis"]["is_observed"]
+    return result.summary()
+
+
 # ----------------------------------------------------------------------------- network
 
 
@@ -1525,8 +1679,8 @@ MEMORY_SCRIPT = textwrap.dedent("""
             with result.param_scope():
                 out["iwae"] = ps.iwae(model, result.guide, x, y, num_samples=1000).value
         elif kind == "cv":
-            table = ps.compare_structures(model, x[:400], y[:400], method="cross_validation",
-                                          folds=2, num_steps=5, num_samples=1000, progress=False)
+            table = ps.compare_structures(model, x[:300], y[:300], method="cross_validation",
+                                          folds=2, num_steps=5, num_samples=300, progress=False)
             out["rows"] = len(table)
     watch.__exit__(None, None, None)
     out["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

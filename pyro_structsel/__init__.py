@@ -52,6 +52,7 @@ from .hyper import (
 from .infer import (
     AutoMeanFieldNormal,
     AutoStructure,
+    CheckpointWarning,
     Convergence,
     ConvergenceWarning,
     DiagnosticWarning,
@@ -98,6 +99,7 @@ __all__ = [
     "AutoMeanFieldNormal",
     "AutoStructure",
     "BayesianModule",
+    "CheckpointWarning",
     "Convergence",
     "ConvergenceWarning",
     "Dataset",

@@ -195,6 +195,8 @@ def structural_complexity(model: Callable[..., Any], guide: Any, *args: Any,
         ``differential_entropy``, ``differential_entropy_se``,
         ``vertex_entropy`` and ``probabilities``.
     """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(f"Expected num_samples to be an int >= 2, but got {num_samples!r}.")
     trace = trace_model(model, args, kwargs)
     sites = structural_sites(trace)
     if not sites:

@@ -31,7 +31,10 @@ from pyro import poutine
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.mcmc.util import initialize_model
 
+from ..util.minibatch import check_full_data, full_data
+from ..util.sampling import trace_model
 from ..util.stacklevel import find_stack_level
+from ..util.validation import check_observations
 from .estimate import Estimate
 
 
@@ -79,8 +82,14 @@ def laplace(model: Callable[..., Any], guide: Any = None, *args: Any, max_iter: 
     -------
     >>> laplace(fix_structure(model, {"degree": 3}), None, x, y).value
     """
-    init, potential_fn, transforms, _ = initialize_model(model, model_args=args,
-                                                         model_kwargs=dict(kwargs))
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"Expected max_iter to be an int >= 1, but got {max_iter!r}.")
+    with full_data():  # the mode of the full-data density: no minibatch
+        trace = trace_model(model, args, kwargs)
+        check_full_data(trace, "The Laplace evidence")
+        check_observations(trace, model, args, kwargs)
+        init, potential_fn, transforms, _ = initialize_model(model, model_args=args,
+                                                             model_kwargs=dict(kwargs))
     names = sorted(init)
     if not names:
         raise ValueError("The model has no latent site to integrate; its log evidence is its "

@@ -21,7 +21,7 @@ from torch import nn
 from ..model.fix_messenger import pinned_sites
 from ..model.sites import StructuralSite, structural_sites
 from ..util.sampling import trace_model
-from ..util.validation import argument_names
+from ..util.validation import argument_names, check_observations
 
 
 def _cached_module_params(model: Any) -> list[tuple[nn.Module, str, torch.Tensor]]:
@@ -76,67 +76,6 @@ def _failure_hint(error: Exception, args: tuple, kwargs: Mapping[str, Any],
                 "data to the dtype of the model's weights (e.g. x.float()).")
     return (f"The tensor arguments are {described}: check that their shapes match the model "
             "(plate sizes, the number of input features).")
-
-
-def _check_observations(trace: Any, args: tuple, kwargs: Mapping[str, Any],
-                        model: Callable[..., Any]) -> None:
-    """Observed values must fit their site: no broadcast that repeats them, within the support."""
-    inputs = list(zip(argument_names(model, len(args)), args)) + list(kwargs.items())
-    observed = [name for name in trace.observation_nodes
-                if not trace.nodes[name]["infer"].get("structsel_fixed")]
-    if not observed:
-        raise ValueError("The model observes no data: no sample site has obs=... (is the "
-                         "target argument, e.g. y, missing?). Pass the data to the model so "
-                         "that its likelihood sites are observed.")
-    for name in observed:
-        site = trace.nodes[name]
-        fn, value = site["fn"], site["value"]
-        if not torch.is_tensor(value):
-            continue
-        source = next((arg for arg, tensor in inputs if torch.is_tensor(tensor)
-                       and tensor.shape == value.shape and tensor.dtype == value.dtype
-                       and torch.equal(tensor, value)), None)
-        where = f"Observed site {name!r}" + (f" (argument {source!r})" if source else "")
-        batch = value.shape[: value.dim() - fn.event_dim]
-        expected = tuple(fn.batch_shape + fn.event_shape)
-        try:
-            scored = torch.broadcast_shapes(batch, fn.batch_shape)
-        except RuntimeError:
-            raise ValueError(f"{where} has shape {tuple(value.shape)}, which does not broadcast "
-                             f"with the batch shape {tuple(fn.batch_shape)} of its distribution "
-                             f"{type(fn).__name__}; pass observations of shape {expected}.") \
-                from None
-        if value.dim() < fn.event_dim or math.prod(scored) > max(math.prod(batch), 1):
-            raise ValueError(
-                f"{where} has shape {tuple(value.shape)}, but its distribution "
-                f"{type(fn).__name__} has batch shape {tuple(fn.batch_shape)} and event shape "
-                f"{tuple(fn.event_shape)}: its log-likelihood would broadcast to shape "
-                f"{tuple(scored)} and count each observation "
-                f"{math.prod(scored) // max(math.prod(batch), 1)} times. Pass the observations "
-                f"with shape {expected}"
-                + (" (e.g. y.squeeze(-1))" if value.dim() and value.shape[-1] == 1 else "")
-                + ".")
-        base = fn
-        while hasattr(base, "base_dist"):
-            base = base.base_dist
-        if isinstance(base, torch.distributions.Categorical) and base.logits.shape[-1] < 2:
-            raise ValueError(f"{where} has a categorical likelihood over "
-                             f"{base.logits.shape[-1]} class: there is nothing to predict. A "
-                             "classifier needs one output per class (at least 2); use a normal "
-                             "likelihood for a single real-valued target.")
-        try:
-            inside = bool(fn.support.check(value).all())
-        except (RuntimeError, ValueError, TypeError):
-            continue
-        if not inside:
-            hint = ""
-            if isinstance(base, torch.distributions.Categorical):
-                hint = (f" Class labels must be integers 0 .. {base.logits.shape[-1] - 1} (one "
-                        f"per output of the model), but they range from {value.min().item()} to "
-                        f"{value.max().item()}; relabel them (e.g. with "
-                        "torch.unique(y, return_inverse=True)) or give the model more outputs.")
-            raise ValueError(f"{where} has values outside the support {fn.support} of its "
-                             f"distribution {type(fn).__name__}.{hint}")
 
 
 def _check_structural_shapes(trace: Any, sites: Mapping[str, StructuralSite]) -> None:
@@ -207,7 +146,7 @@ def model_sites_and_params(model: Callable[..., Any], args: tuple, kwargs: Mappi
                     f"plate {frame.name!r} of size {frame.size} (dim {frame.dim}); pass data "
                     "whose size matches the plate."
                 )
-    _check_observations(trace, args, kwargs, model)
+    check_observations(trace, model, args, kwargs, require_data=True)
     try:
         trace.compute_log_prob()
     except ValueError:

@@ -139,12 +139,16 @@ def prior_draws(model: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any
 
             probe_size = min(2, num)
             counter = AllocationCounter()
-            with counter:
-                parts = [batch(probe_size)]
-            kept = sum(v.numel() * v.element_size() for v in parts[0].values()) / probe_size
+            rng = pyro.util.get_rng_state()
+            try:  # the probe leaves the random streams as they were
+                with counter:
+                    probe = batch(probe_size)
+            finally:
+                pyro.util.set_rng_state(rng)
+            kept = sum(v.numel() * v.element_size() for v in probe.values()) / probe_size
             chunk = chunk_size_for(counter.allocated / probe_size, kept, num,
                                    resolve_budget(memory_budget), "The prior draws")
-            done = probe_size
+            parts, done = [], 0
             while done < num:
                 parts.append(batch(min(chunk, num - done)))
                 done += min(chunk, num - done)

@@ -25,6 +25,7 @@ from .memory import AllocationCounter, chunk_size_for
 from .memory import memory_budget as resolve_budget
 from .minibatch import check_full_data, full_data
 from .stacklevel import find_stack_level
+from .validation import check_observations
 
 _DRAWS_PLATE = "_structsel_draws"
 
@@ -194,12 +195,13 @@ def draw(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
          num_argument: str = "num_samples") -> Draws:
     """Draw ``z ~ q`` ``num_samples`` times and score each under the model, on the full data.
 
-    Two draws go first, vectorised, under an allocation counter: their
-    shapes are checked (a model that broadcasts a batch of weights wrongly,
-    ``x @ W1 + b1``, falls back to one draw at a time before it allocates
-    :math:`n^2` times the memory) and their bytes size the chunks of the
-    rest so that one pass stays within ``memory_budget`` (see
-    :mod:`pyro_structsel.util.memory`). :func:`~pyro_structsel.data_plate`
+    Two probe draws go first, vectorised, under an allocation counter (and
+    with the random state restored after them): their shapes are checked (a
+    model that broadcasts a batch of weights wrongly, ``x @ W1 + b1``, falls
+    back to one draw at a time before it allocates :math:`n^2` times the
+    memory) and their bytes size the chunks so that one pass stays within
+    ``memory_budget`` (see :mod:`pyro_structsel.util.memory`). When every
+    draw fits one pass, the draws are those of a single pass. :func:`~pyro_structsel.data_plate`
     takes every row here (:func:`~pyro_structsel.util.minibatch.full_data`),
     and a model whose observations are still subsampled is refused.
 
@@ -238,18 +240,23 @@ def draw(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
     with full_data():
         trace = trace_model(model, args, kwargs)
         check_full_data(trace, what)
+        check_observations(trace, model, args, kwargs)
         if vectorize is not False:
             nesting = max_plate_nesting(model, args, kwargs)
             probe_size = min(2, num_samples)
             counter = AllocationCounter()
+            rng = pyro.util.get_rng_state()
             try:
-                with counter:
-                    probe = _vectorized(model, guide, args, kwargs, probe_size, nesting, keep,
-                                        pointwise)
+                try:  # the probe leaves the random streams as they were
+                    with counter:
+                        probe = _vectorized(model, guide, args, kwargs, probe_size, nesting,
+                                            keep, pointwise)
+                finally:
+                    pyro.util.set_rng_state(rng)
                 chunk = chunk_size_for(counter.allocated / probe_size,
                                        _nbytes(probe) / probe_size, num_samples, budget, what)
                 chunk = min(chunk, chunk_size or chunk)
-                parts, done = [probe], probe_size
+                parts, done = [], 0
                 while done < num_samples:
                     size = min(chunk, num_samples - done)
                     parts.append(_vectorized(model, guide, args, kwargs, size, nesting, keep,
@@ -316,12 +323,16 @@ def draw_guide(guide: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]
     try:
         probe_size = min(2, num_samples)
         counter = AllocationCounter()
-        with counter:
-            parts = [vectorised(probe_size)]
-        kept = sum(v.numel() * v.element_size() for v in parts[0].values()) / probe_size
+        rng = pyro.util.get_rng_state()
+        try:  # the probe leaves the random streams as they were
+            with counter:
+                probe = vectorised(probe_size)
+        finally:
+            pyro.util.set_rng_state(rng)
+        kept = sum(v.numel() * v.element_size() for v in probe.values()) / probe_size
         chunk = chunk_size_for(counter.allocated / probe_size, kept, num_samples,
                                resolve_budget(memory_budget), "Drawing from the guide")
-        done = probe_size
+        parts, done = [], 0
         while done < num_samples:
             parts.append(vectorised(min(chunk, num_samples - done)))
             done += min(chunk, num_samples - done)
