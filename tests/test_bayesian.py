@@ -153,7 +153,7 @@ def test_bayesian_module_bad_arguments(kwargs, match):
 def test_bayesian_module_needs_parameters():
     with pytest.raises(ValueError, match=r"no parameters"):
         ps.BayesianModule(nn.Sequential(nn.Tanh()))
-    with pytest.raises(ValueError, match=r"Expected a torch.nn.Module"):
+    with pytest.raises(ValueError, match=r"Expected module to be a torch.nn.Module"):
         ps.BayesianModule(lambda x: x)
 
 

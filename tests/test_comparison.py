@@ -49,7 +49,7 @@ def test_table_ranks_all_vertices_with_exact_laplace(data):
     x, y = data
     table = ps.compare_structures(two_site_model, x, y, progress=False)
     assert list(table.columns) == ["log_evidence", "se", "log_bayes_factor", "probability",
-                                   "structure"]
+                                   "structure", "note"]
     assert len(table) == 4
     assert table.index[0] == "basis=sin, offset=1"
     assert table["log_evidence"].is_monotonic_decreasing

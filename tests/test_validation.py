@@ -138,7 +138,7 @@ def _kwargs_model(x, y=None, **options):
     ({"temperature": (1.0, 0.5, 0.1)}, ValueError, r"temperature to be a number T > 0 or a pair"),
     ({"temperature": "hot"}, ValueError, r"temperature to be a number T > 0 or a pair"),
     ({"callback": "print"}, TypeError, r"Expected callback to be a callable"),
-    ({"vectorize_particles": "yes"}, TypeError, r"vectorize_particles to be True, False or None"),
+    ({"vectorize_particles": "yes"}, ValueError, r"vectorize_particles to be True, False or None"),
     ({"lr": float("nan")}, ValueError, r"Expected lr > 0"),
     ({"resume": "loose"}, ValueError, r"Unknown resume 'loose'; expected one of 'strict'"),
     ({"positional": 100}, TypeError, r"too many positional arguments.*num_steps=100"),

@@ -206,7 +206,7 @@ def compare_structures(
                          "structure, or None for every vertex.")
     eval_kwargs = scoring_kwargs(kwargs)  # score on the full data, not on a minibatch
     if method_enum is not None and method_enum is not EvidenceMethod.LAPLACE:
-        with full_data():
+        with full_data(), pyro.get_param_store().scope():
             check_full_data(trace_model(model, args, eval_kwargs),
                             f"compare_structures(method={method!r})")
     network = isinstance(model, NetworkModel)

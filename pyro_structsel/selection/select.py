@@ -225,8 +225,8 @@ def select_structure(
     with module_params_kept(model), use_distributed(sharded):  # a fit never changes the
         # model's own parameters; in a distributed fit each rank sees its shard of the data
         sites, model_params = model_sites_and_params(model, args, kwargs)
-        with full_data(), use_distributed(False):  # the evidence needs every row: say so now
-            check_full_data(trace_model(model, args, scoring_kwargs(kwargs)),
+        with full_data(), use_distributed(False), pyro.get_param_store().scope():
+            check_full_data(trace_model(model, args, scoring_kwargs(kwargs)),  # say so now
                             "select_structure scores the fit on the full data and")
         initial_temperature, schedule = _temperature_schedule(temperature, num_steps)
 

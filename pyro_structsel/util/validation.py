@@ -62,11 +62,11 @@ def check_seed(seed: Any, argument: str = "seed") -> None:
 
 
 def check_flag(value: Any, argument: str, *, allow_none: bool = False) -> None:
-    """``True`` or ``False`` (or ``None`` when allowed); ``TypeError`` otherwise."""
+    """``True`` or ``False`` (or ``None`` when allowed); ``ValueError`` otherwise."""
     if isinstance(value, bool) or (allow_none and value is None):
         return
     expected = "True, False or None" if allow_none else "True or False"
-    raise TypeError(f"Expected {argument} to be {expected}, but got {value!r}.")
+    raise ValueError(f"Expected {argument} to be {expected}, but got {value!r}.")
 
 
 def check_callable(value: Any, argument: str, *, allow_none: bool = True) -> None:
