@@ -146,7 +146,7 @@ def model_sites_and_params(model: Callable[..., Any], args: tuple, kwargs: Mappi
                     f"plate {frame.name!r} of size {frame.size} (dim {frame.dim}); pass data "
                     "whose size matches the plate."
                 )
-    check_observations(trace, model, args, kwargs, require_data=True)
+    check_observations(trace, model, args, kwargs)
     try:
         trace.compute_log_prob()
     except ValueError:
@@ -161,4 +161,5 @@ def model_sites_and_params(model: Callable[..., Any], args: tuple, kwargs: Mappi
                          "e.g. gamma = ps.structure('layer', ['relu', 'tanh']) or a Dirichlet / "
                          "RelaxedOneHotCategorical site, to select among options.")
     _check_structural_shapes(trace, sites)
+    check_observations(trace, model, args, kwargs, require_data=True)
     return sites, model_params

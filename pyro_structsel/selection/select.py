@@ -62,8 +62,8 @@ def _temperature_schedule(temperature: float | tuple[float, float] | None, num_s
     if isinstance(temperature, (str, bytes)) or not isinstance(temperature, Sequence) or len(
             temperature) != 2 or not all(isinstance(t, (int, float)) and not isinstance(t, bool)
                                          and t > 0 and math.isfinite(t) for t in temperature):
-        raise ValueError(f"Expected temperature to be a number T > 0 or a pair (T0, T1) of them "
-                         f"(annealed from T0 to T1), but got {temperature!r}.")
+        raise ValueError(f"Expected temperature to be a number T > 0 or a pair (T0, T1) of "
+                         f"temperatures > 0 (annealed from T0 to T1), but got {temperature!r}.")
     start, end = temperature
 
     def schedule(step: int) -> float:  # geometric annealing from start to end
