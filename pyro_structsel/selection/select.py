@@ -28,17 +28,16 @@ from ..evidence.estimate import Estimate
 from ..evidence.methods import EvidenceMethod, check_estimator_names, estimate_evidence
 from ..infer.checkpoint import check_checkpoint_path
 from ..infer.distributed import shared_seed
-from ..infer.optim import FlatAdam
 from ..infer.guides import build_guide
-from ..infer.optim import as_pyro_optimizer
+from ..infer.optim import FlatAdam, as_pyro_optimizer
 from ..infer.scope import clone_param_state, model_sites_and_params, module_params_kept
 from ..infer.svi import fit
 from ..model.fix_messenger import pinned_sites
 from ..model.network import NetworkModel
+from ..util.minibatch import check_full_data, full_data, scoring_kwargs
 from ..util.options import Resume, parse_option
 from ..util.ranks import resolve_distributed, use_distributed
 from ..util.sampling import draw_guide, max_plate_nesting, trace_model
-from ..util.minibatch import check_full_data, full_data, scoring_kwargs
 from ..util.validation import (
     check_callable,
     check_flag,
