@@ -67,8 +67,11 @@ def test_network_model_fit_resumes_its_flat_adam_checkpoint_exactly(tmp_path):
     ps.select_structure(model, x, y, num_steps=20, **settings, checkpoint=tmp_path / "part.pt")
     state = ps.load_checkpoint(tmp_path / "part.pt")
     assert state["step"] == 20 and state["optim"]  # FlatAdam state in Pyro's format
-    name = next(iter(state["optim"]))
-    assert set(state["optim"][name]["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    # Pyro's SVI steps a set of tensors, so the order of names varies from run to run;
+    # a module parameter shadowed by a sample site has no gradient, so no Adam state.
+    stepped = {name: s["state"] for name, s in state["optim"].items() if "$$$" not in name}
+    assert stepped and all(set(s[0]) == {"step", "exp_avg", "exp_avg_sq"}
+                           for s in stepped.values())
     resumed = ps.select_structure(model, x, y, num_steps=40, **settings,
                                   checkpoint=tmp_path / "part.pt")
     assert_close(resumed.losses, whole.losses, atol=1e-6, rtol=1e-6)
