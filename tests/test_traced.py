@@ -27,6 +27,7 @@ from pyro_structsel.infer.checkpoint import load_checkpoint
 from pyro_structsel.infer.optim import FlatAdam
 from pyro_structsel.infer.guides import build_guide, default_guide, structure_guides
 from pyro_structsel.infer.scope import model_sites_and_params
+from pyro_structsel.infer import svi
 from pyro_structsel.infer.svi import FactorisedELBO, TracingWarning, fit
 from pyro_structsel.infer.traced import NotTraceableError, TracedELBO, should_compile
 
@@ -149,7 +150,7 @@ def test_temperature_is_an_input_not_a_constant():
             p.grad = None
 
 
-def _fit(model, x, y, *, fast, steps=25, checkpoint=None, start_from=None, temperature=None,
+def _fit(model, x, y, *, fast, steps=25, checkpoint=None, temperature=None,
          prior="dirichlet"):
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
@@ -225,8 +226,9 @@ def test_a_model_whose_structure_changes_is_fitted_by_pyro_with_one_warning(mode
     guide = default_guide(model, ["activation"])
     with pytest.warns(TracingWarning, match=reason) as caught:
         losses = fit(model, guide, (x, y), num_steps=3, optim=FlatAdam({"lr": 0.01}),
-                     progress=False)
+                     progress=False, fast=True)
     assert len(caught) == 1 and len(losses) == 3
+    assert losses.step == "pyro" and caught[0].message.args[0].find(losses.reason) > 0
     assert "test_traced.py" in caught[0].filename  # points at the caller's line
 
 
@@ -253,8 +255,8 @@ def test_a_value_changed_during_the_fit_is_caught_by_a_spot_check():
     guide = default_guide(model, ["activation"])
     with pytest.warns(TracingWarning, match=r"from step 9: at its step 10 the traced") as caught:
         losses = fit(model, guide, (x, y), num_steps=12, optim=FlatAdam({"lr": 0.01}),
-                     progress=False, callback=callback)
-    assert len(caught) == 1 and len(losses) == 12
+                     progress=False, callback=callback, fast=True)
+    assert len(caught) == 1 and len(losses) == 12 and losses.step == "pyro"
 
 
 def test_a_score_function_guide_is_fitted_by_pyro():
@@ -310,10 +312,48 @@ def test_data_checks_and_module_parameters_are_traced():
     assert_close({n: p.grad for n, p in store.named_parameters()}, grads, rtol=1e-5)
 
 
-def test_compile_pays_only_when_enough_steps_remain():
+def test_fit_traces_when_enough_steps_remain_and_reports_how_it_ran(monkeypatch):
+    x, y = _digits(40)
+    model = user_supernet()
+    monkeypatch.setattr(svi, "TRACE_MIN_STEPS", 6)
+    for steps, step in ((5, "pyro"), (6, "traced")):
+        pyro.clear_param_store()
+        guide = default_guide(model, ["activation"])
+        losses = fit(model, guide, (x, y), num_steps=steps, optim=FlatAdam({"lr": 0.01}),
+                     progress=False)
+        assert isinstance(losses, list) and len(losses) == steps
+        assert losses.step == step and losses.reason is None and losses.compile_seconds is None
+        assert (losses.trace_seconds is None) == (step == "pyro")
+
+
+def test_compile_pays_only_when_enough_steps_remain(monkeypatch):
     assert not should_compile(300, 2e-3, 1000)
     assert should_compile(300, 2e-3, 100_000)
     assert not should_compile(300, 2e-3, 0)
+    asked = []
+    monkeypatch.setattr(svi, "should_compile", lambda *a: asked.append(a) or False)
+    x, y = _digits(40)
+    model = user_supernet()
+    losses = fit(model, default_guide(model, ["activation"]), (x, y), num_steps=30,
+                 optim=FlatAdam({"lr": 0.01}), progress=False, fast=True)
+    # timed: steps 2-9 and 11-22 (steps 1 and 10 are spot checks); decided after step 22
+    (num_nodes, seconds, remaining), = asked
+    assert remaining == 30 - 22 and seconds > 0 and num_nodes > 10
+    assert losses.step == "traced"
+
+
+def test_compiled_step_makes_the_traced_steps_draws():
+    # the one compiled test of the default suite (a small graph: ~20-45 s to compile)
+    x, y = _digits(40)
+    model = user_supernet(width=3, batch=8)
+    traced, _ = _fit(model, x, y, fast=True, steps=6)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = default_guide(model, ["activation"])
+    compiled = fit(model, guide, (x, y), num_steps=6, optim=FlatAdam({"lr": 0.05}),
+                   progress=False, fast=True, compile=True)
+    assert compiled.step == "compiled" and compiled.compile_seconds > 0
+    assert_close(compiled, traced, atol=1e-3, rtol=1e-5)
 
 
 @pytest.mark.slow  # two 300-step fits and their scoring: ~30 s on 2 shared cores

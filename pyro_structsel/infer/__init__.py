@@ -6,7 +6,7 @@ from .checkpoint import CheckpointWarning, load_checkpoint, save_checkpoint
 from .convergence import Convergence, ConvergenceWarning, DiagnosticWarning, elbo_convergence
 from .guides import AutoMeanFieldNormal, AutoStructure, default_guide
 from .optim import FlatAdam
-from .svi import FactorisedELBO, NonFiniteLossError, TracingWarning, fit
+from .svi import FactorisedELBO, FitLosses, NonFiniteLossError, TracingWarning, fit
 from .traced import NotTraceableError, TracedELBO
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "ConvergenceWarning",
     "DiagnosticWarning",
     "FactorisedELBO",
+    "FitLosses",
     "FlatAdam",
     "NonFiniteLossError",
     "NotTraceableError",

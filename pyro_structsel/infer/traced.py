@@ -61,6 +61,7 @@ from __future__ import annotations
 import random
 import time
 import traceback
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -90,6 +91,11 @@ _aten = torch.ops.aten
 COMPILE_SECONDS_PER_NODE = 0.1
 #: Time of a compiled step over a traced one, measured there: 0.43-0.54 (benchmarks/speed.py).
 COMPILED_STEP_FRACTION = 0.5
+#: Traced steps a fit times before it decides whether compiling pays (``compile=None``).
+AUTO_COMPILE_TIMED_STEPS = 20
+#: Fewest remaining steps for which ``fit(fast=None)`` traces: tracing (with its checks)
+#: takes as long as 70-300 of Pyro's steps and saves 60-80 % of each (benchmarks/speed.py).
+TRACE_MIN_STEPS = 200
 
 
 class NotTraceableError(RuntimeError):
@@ -467,6 +473,8 @@ class TracedELBO:
     ----------
     changed : str or None
         Why the last spot check failed, or ``None``.
+    spot_checked : bool
+        Whether the last step was a spot check (and so took longer).
     trace_seconds, compile_seconds : float
         Seconds spent tracing (with the checks and simplification) and
         compiling (``None`` until :meth:`compile`).
@@ -496,6 +504,7 @@ class TracedELBO:
                              if getattr(part, "temperature", None) is not None]
         self.compile_seconds: float | None = None
         self.calls = 0
+        self.spot_checked = False
         self.changed: str | None = None
         self._read: dict[str, torch.Tensor] = {}
         start = time.perf_counter()
@@ -630,21 +639,24 @@ class TracedELBO:
         """Compile the graph with ``torch.compile`` (inductor); returns the seconds it took.
 
         Random numbers are drawn as in eager mode (inductor's
-        ``fallback_random``), so the compiled step makes the same draws as
-        the traced one and as Pyro's. The first call, which compiles, runs
-        on a copy of the generator state: the fit's stream is untouched.
+        ``fallback_random``, at every compilation of this graph), so the
+        compiled step makes the same draws as the traced one and as Pyro's.
+        The first call, which compiles, runs as the steps do (without
+        autograd) on a copy of the generator state: the fit's stream is
+        untouched.
         """
-        import torch._inductor.config as inductor_config
-
         start = time.perf_counter()
-        with inductor_config.patch(fallback_random=True):
-            compiled = torch.compile(GraphModule(self._aten_graph,
-                                                 self._aten_graph.graph.__deepcopy__()),
-                                     fullgraph=True, dynamic=False)
-            current = _unconstrained(self.names)
-            with torch.random.fork_rng(devices=[]):
-                compiled(*(current[name].detach() for name in self.names),
-                         *self._temperature_inputs())
+        compiled = torch.compile(GraphModule(self._aten_graph,
+                                             self._aten_graph.graph.__deepcopy__()),
+                                 fullgraph=True, dynamic=False,
+                                 options={"fallback_random": True})
+        current = _unconstrained(self.names)
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]), torch.no_grad():
+            # torch's own deprecations inside inductor are not the caller's business
+            for category in (DeprecationWarning, FutureWarning):
+                warnings.filterwarnings("ignore", category=category, module=r"torch(\.|$)")
+            compiled(*(current[name].detach() for name in self.names),
+                     *self._temperature_inputs())
         self._step = compiled
         self.compile_seconds = time.perf_counter() - start
         return self.compile_seconds
@@ -664,8 +676,8 @@ class TracedELBO:
         params = _unconstrained(self.names)
         tensors = list(params.values())
         self.calls += 1
-        spot_check = _is_power_of_ten(self.calls)
-        before = torch.get_rng_state() if spot_check else None
+        self.spot_checked = _is_power_of_ten(self.calls)
+        before = torch.get_rng_state() if self.spot_checked else None
         with torch.no_grad():
             loss, *grads = self._step(*(p.detach() for p in tensors),
                                       *self._temperature_inputs())

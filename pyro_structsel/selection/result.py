@@ -49,8 +49,11 @@ class SelectionResult:
     classical_complexity : dict or None
         Number of parameters and of superpositions of the derived network
         (for a :class:`~pyro_structsel.NetworkModel`).
-    losses : list of float
-        The loss (−ELBO) at every SVI step of the kept restart.
+    losses : FitLosses
+        The loss (−ELBO) at every SVI step of the kept restart, a list of
+        floats that also says how the steps ran (``losses.step``: traced,
+        compiled or Pyro's ELBO; ``losses.trace_seconds``,
+        ``losses.compile_seconds``; see :class:`~pyro_structsel.infer.svi.FitLosses`).
     diagnostics : FitDiagnostics or None
         PSIS k-hat of q and ELBO convergence, once :meth:`diagnose` or
         :meth:`to_inference_data` has run.

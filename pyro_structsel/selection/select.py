@@ -101,7 +101,8 @@ def select_structure(
     checkpoint_every: int = 100,
     resume: str = "strict",
     callback: Callable[[int, float], Any] | None = None,
-    fast: bool = True,
+    fast: bool | None = None,
+    compile: bool | None = None,
     distributed: bool | None = None,
     **kwargs: Any,
 ) -> SelectionResult:
@@ -128,8 +129,8 @@ def select_structure(
     optim : pyro.optim.PyroOptim or torch.optim class, optional
         Optimiser; default ``pyro.optim.Adam({"lr": lr})``, computed as one fused
         step over all parameters (:class:`~pyro_structsel.infer.optim.FlatAdam`)
-        when ``fast``. A ``torch.optim`` class (``torch.optim.SGD``) is built
-        with ``lr`` for every parameter.
+        unless ``fast=False``. A ``torch.optim`` class (``torch.optim.SGD``) is
+        built with ``lr`` for every parameter.
     lr : float
         Learning rate of the default optimiser (or of a ``torch.optim`` class).
     num_particles : int
@@ -164,13 +165,21 @@ def select_structure(
         :class:`~pyro_structsel.infer.checkpoint.CheckpointWarning`.
     callback : callable, optional
         Called as ``callback(step, loss)`` after every step.
-    fast : bool
+    fast : bool, optional
         Trace the ELBO step once and replay it
         (:class:`~pyro_structsel.infer.traced.TracedELBO`): the same loss,
         gradients and draws as Pyro's ELBO, several times faster, for any
         model whose structure is static (others are fitted by Pyro's ELBO,
-        with a :class:`~pyro_structsel.TracingWarning` saying why). ``False``
-        runs Pyro's stock ELBO and per-tensor ``pyro.optim.Adam``.
+        with a :class:`~pyro_structsel.TracingWarning` saying why). ``None``:
+        when the fit is long enough for tracing to pay (see
+        :func:`~pyro_structsel.infer.svi.fit`); ``True``: always; ``False``:
+        Pyro's stock ELBO and per-tensor ``pyro.optim.Adam``.
+    compile : bool, optional
+        Compile the traced step with ``torch.compile``: ``True`` at once,
+        ``False`` never, ``None`` when the time it saves over the steps pays
+        for the time it takes (see :func:`~pyro_structsel.infer.svi.fit`);
+        the seconds spent are in ``result.losses.compile_seconds`` and the
+        progress bar.
     distributed : bool, optional
         Data-parallel SVI on ``torch.distributed`` (see
         :mod:`pyro_structsel.infer.distributed`; launch with ``torchrun``). ``None``:
@@ -234,7 +243,7 @@ def select_structure(
             if seed is not None:
                 pyro.set_rng_seed(seed + restart)
             optimizer = as_pyro_optimizer(optim, lr=lr) if optim is not None else (
-                FlatAdam({"lr": lr}) if fast else pyro.optim.Adam({"lr": lr}))
+                FlatAdam({"lr": lr}) if fast is not False else pyro.optim.Adam({"lr": lr}))
             # each restart starts from its own copy of the model's parameters (learnable
             # prior scales), so no two fits share a tensor through Pyro's global param store
             with pyro.get_param_store().scope(clone_param_state(model_params)) as state:
@@ -245,7 +254,7 @@ def select_structure(
                              checkpoint=_restart_path(checkpoint, restart, num_restarts),
                              checkpoint_every=checkpoint_every, resume=resume,
                              temperature=schedule,
-                             callback=callback, fast=fast,
+                             callback=callback, fast=fast, compile=compile,
                              description=f"select_structure[{restart + 1}/{num_restarts}]"
                              if num_restarts > 1 else "select_structure")
             tail = losses[-max(1, num_steps // 10):]
