@@ -149,6 +149,38 @@ def failing_callback() -> str:
     return "no error"
 
 
+def basis_model(x: torch.Tensor, y: torch.Tensor) -> None:
+    """A user-written model: one structural site over three bases of a linear score."""
+    gamma = ps.structure("basis", ["sin", "tanh", "linear"])
+    w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    score = (x * w).sum(-1)  # (N,), or (S, N) under a plate of draws: w is then (S, 1, 2)
+    mean = gamma[..., 0] * torch.sin(score) + gamma[..., 1] * torch.tanh(score) \
+        + gamma[..., 2] * score
+    with ps.data_plate("data", len(x)):
+        pyro.sample("y", dist.Normal(mean, 0.3), obs=y)
+
+
+def basis_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(30, 2, generator=g)
+    return x, torch.tanh(x @ torch.tensor([1.5, -1.0])) + 0.3 * torch.randn(30, generator=g)
+
+
+def compared(distributed: bool | None = None) -> dict[str, Any]:
+    """compare_structures (3 structures) and cross_validation (3 folds), seeded: under a
+    process group the structures and the folds are shared out over the ranks."""
+    x, y = basis_data()
+    table = ps.compare_structures(basis_model, x, y, method="elbo", num_steps=40,
+                                  num_samples=100, seed=0, progress=False,
+                                  distributed=distributed)
+    folds = ps.cross_validation(basis_model, x, y, folds=3, num_steps=40, num_samples=50,
+                                seed=0, distributed=distributed)
+    return {"labels": list(table.index), "log_evidence": table["log_evidence"].tolist(),
+            "se": table["se"].tolist(), "probability": table["probability"].tolist(),
+            "cv": [folds.value, folds.se, *folds.diagnostics["fold_values"],
+                   *folds.diagnostics["final_losses"]]}
+
+
 def main(job: str, rank: int, world_size: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     pyro.enable_validation(True)
@@ -159,6 +191,7 @@ def main(job: str, rank: int, world_size: int, init_file: str, out: str) -> None
         if job == "fit":
             results["exact"] = exact_fit(True)
             results["traced_loss"] = traced_loss(True)
+            results["compared"] = compared()
             results["minibatch"] = minibatch_rows()
             results["failure"] = failing_callback()
             results["select"] = select(str(Path(out) / "full.ckpt"))

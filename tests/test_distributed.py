@@ -98,6 +98,23 @@ def test_traced_step_on_two_ranks_averages_to_the_full_data_loss(runs):
         assert abs(sharded - full) <= 1e-5 * abs(full), rank
 
 
+def test_structures_and_folds_shared_out_over_two_ranks_equal_one_process(runs):
+    # rank 0 scores structures 0 and 2 and folds 0 and 2, rank 1 the others; every rank
+    # gathers the whole table. Same seeds, one thread, the same code: the one-process table
+    # (asserted to 1e-6).
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = worker.compared(distributed=False)
+    finally:
+        torch.set_num_threads(torch_threads)
+    for rank, result in enumerate(runs["fit"]):
+        assert result["compared"]["labels"] == reference["labels"], rank
+        for key in ("log_evidence", "se", "probability", "cv"):
+            assert_close(result["compared"][key], reference[key], atol=1e-6, rtol=1e-6,
+                         msg=f"{key} of rank {rank}")
+
+
 def test_minibatch_rows_come_from_the_shard_and_weigh_the_whole_shard(runs):
     for rank, result in enumerate(runs["fit"]):
         batch = result["minibatch"]

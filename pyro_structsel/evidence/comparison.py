@@ -23,6 +23,7 @@ import pyro.optim
 import torch
 from pyro import poutine
 
+from ..infer.distributed import map_over_ranks
 from ..infer.guides import build_guide
 from ..infer.optim import check_optimizer_factory, optimizer_factory
 from ..infer.scope import clone_param_state, model_sites_and_params, module_params_kept
@@ -31,7 +32,7 @@ from ..model.fix_messenger import fix_structure
 from ..model.network import NetworkModel
 from ..model.sites import StructuralSite, check_structure
 from ..util.options import parse_option
-from ..util.progress import progress_bar
+from ..util.ranks import resolve_distributed
 from ..util.sampling import trace_model
 from ..util.stacklevel import find_stack_level
 from ..util.minibatch import check_full_data, full_data, scoring_kwargs
@@ -121,6 +122,7 @@ def compare_structures(
     marginalize_inert: bool = True,
     folds: int = 5,
     hessian_structure: str | None = None,
+    distributed: bool | None = None,
     **kwargs: Any,
 ) -> pd.DataFrame:
     r"""Rank discrete structures by log evidence :math:`\log p(D \mid s)`.
@@ -162,6 +164,13 @@ def compare_structures(
         the generalised Gauss-Newton matrix, Kronecker-factored (default),
         diagonal or full (:func:`~pyro_structsel.ggn_laplace`). Other models
         use the full autograd Hessian (:func:`~pyro_structsel.laplace`).
+    distributed : bool, optional
+        Share the structures out over the ranks of a ``torchrun`` job: rank
+        :math:`r` of :math:`R` scores structures :math:`r, r + R, \dots` on its
+        own, and every rank returns the whole table (with a ``seed``, the
+        table of one process). ``None``: when a process group is initialised;
+        ``True``: also create it from ``torchrun``'s environment; ``False``:
+        every structure in this process.
 
     Returns
     -------
@@ -215,17 +224,20 @@ def compare_structures(
                          "use the full Hessian.")
     curvature = (hessian_structure or "kron") if network and \
         method_enum is EvidenceMethod.LAPLACE else None
-    estimates: dict[str, Estimate] = {}
-    with module_params_kept(model):
-        for structure in progress_bar(chosen, desc="compare_structures", enabled=progress,
-                                      unit="structures"):
-            estimates[structure_label(structure)] = _score_structure(
-                model, structure, args, kwargs, eval_kwargs, method_enum, guide=guide,
-                model_params=model_params, num_steps=num_steps,
-                optim=optimizer_factory(optim, lr), lr=lr,
-                num_particles=num_particles,
-                num_samples=num_samples, seed=seed, folds=folds,
-                marginalize_inert=marginalize_inert, curvature=curvature)
+    def score(structure: Mapping[str, str | int]) -> Estimate:
+        return _score_structure(
+            model, structure, args, kwargs, eval_kwargs, method_enum, guide=guide,
+            model_params=model_params, num_steps=num_steps,
+            optim=optimizer_factory(optim, lr), lr=lr,
+            num_particles=num_particles,
+            num_samples=num_samples, seed=seed, folds=folds,
+            marginalize_inert=marginalize_inert, curvature=curvature)
+
+    with module_params_kept(model):  # the structures shared out over the ranks of a torchrun job
+        scored = map_over_ranks(score, chosen, enabled=resolve_distributed(distributed),
+                                where="scoring its structures", desc="compare_structures",
+                                progress=progress, unit="structures")
+    estimates = {structure_label(s): estimate for s, estimate in zip(chosen, scored)}
     return _table(estimates, {structure_label(s): s for s in chosen})
 
 

@@ -44,11 +44,13 @@ import pyro.optim
 import torch
 from torch import nn
 
+from ..infer.distributed import map_over_ranks
 from ..infer.guides import build_guide
 from ..infer.optim import as_pyro_optimizer
 from ..infer.scope import clone_param_state, module_params_kept
 from ..infer.svi import fit
 from ..model.sites import structural_sites
+from ..util.ranks import resolve_distributed
 from ..util.sampling import draw, trace_model
 from ..util.minibatch import scoring_kwargs
 from ..util.validation import check_inputs, check_seed, own_parameters
@@ -254,7 +256,8 @@ def cross_validation(model: Callable[..., Any], *args: Any, folds: int | Sequenc
                      num_particles: int = 1, num_samples: int = 1000,
                      chunk_size: int | None = None, pointwise: bool = False,
                      seed: int | None = None, progress: bool = False,
-                     memory_budget: int | None = None, **kwargs: Any) -> Estimate:
+                     memory_budget: int | None = None, distributed: bool | None = None,
+                     **kwargs: Any) -> Estimate:
     r"""K-fold cross-validation of any Pyro model, with :math:`q` fitted by SVI on each fold.
 
     Every tensor argument of ``model(*args, **kwargs)`` with at least one
@@ -315,6 +318,12 @@ def cross_validation(model: Callable[..., Any], *args: Any, folds: int | Sequenc
         ``seed + k``); equal seeds give equal results.
     progress : bool
         Show a progress bar for each fit.
+    distributed : bool, optional
+        Share the folds out over the ranks of a ``torchrun`` job (each fold
+        fitted on one rank, the estimate gathered on every rank; with a
+        ``seed``, equal to the estimate of one process). ``None``: when a
+        process group is initialised; ``True``: also create it from
+        ``torchrun``'s environment; ``False``: every fold in this process.
 
     Returns
     -------
@@ -359,11 +368,9 @@ def cross_validation(model: Callable[..., Any], *args: Any, folds: int | Sequenc
             trace = trace_model(model, args, kwargs)
         sites = structural_sites(trace)
         _check_global_latents(trace, num_data)
-        fold_values: list[float] = []
-        fold_mc_se: list[float] = []
-        final_losses: list[float] = []
-        vectorized = True
-        for k, test in enumerate(parts):
+        def score_fold(k: int) -> tuple[float, float, float, bool]:
+            """Held-out log density of fold ``k``, its Monte Carlo se, final loss, vectorised."""
+            test = parts[k]
             train_args, train_kwargs = subset_rows(args, kwargs, training_index(num_data, test))
             test_args, test_kwargs = subset_rows(args, kwargs, test)
             test_kwargs = scoring_kwargs(test_kwargs)  # the whole held-out fold, no minibatch
@@ -378,7 +385,6 @@ def cross_validation(model: Callable[..., Any], *args: Any, folds: int | Sequenc
                              progress=progress,
                              description=f"cross_validation[{k + 1}/{len(parts)}]")
                 tail = losses[-max(1, num_steps // 10):]
-                final_losses.append(sum(tail) / len(tail))
 
                 def trained_guide(*_args: Any, _fitted: Any = fitted,
                                   _a: tuple = train_args, _k: dict = train_kwargs,
@@ -389,7 +395,6 @@ def cross_validation(model: Callable[..., Any], *args: Any, folds: int | Sequenc
                              num_samples=num_samples, chunk_size=chunk_size,
                              pointwise=pointwise, memory_budget=memory_budget,
                              what="cross_validation's held-out score")
-            vectorized = vectorized and draws.vectorized
             if pointwise:
                 value = torch.zeros((), dtype=torch.float64)
                 var = torch.zeros((), dtype=torch.float64)
@@ -400,8 +405,16 @@ def cross_validation(model: Callable[..., Any], *args: Any, folds: int | Sequenc
             else:
                 value, se = _log_mean_exp(draws.log_likelihood)
                 mc_se = float(se)
-            fold_values.append(float(value))
-            fold_mc_se.append(mc_se)
+            return float(value), mc_se, sum(tail) / len(tail), draws.vectorized
+
+        # the folds shared out over the ranks of a torchrun job (one process: in turn)
+        scored = map_over_ranks(score_fold, range(len(parts)),
+                                enabled=resolve_distributed(distributed),
+                                where="cross-validating its folds")
+        fold_values = [fold[0] for fold in scored]
+        fold_mc_se = [fold[1] for fold in scored]
+        final_losses = [fold[2] for fold in scored]
+        vectorized = all(fold[3] for fold in scored)
     fold_sizes = [int(test.numel()) for test in parts]
     return _summarise(fold_values, fold_sizes, pointwise, num_samples * len(parts), {
         "folds": parts, "monte_carlo_se": math.sqrt(sum(s * s for s in fold_mc_se)),

@@ -48,7 +48,8 @@ training. VLDB 2020.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import pyro
@@ -56,8 +57,19 @@ import pyro.util
 import torch
 import torch.distributed as tdist
 
-from ..util.ranks import DistributedWarning, is_distributed, rank, world_size
+from ..util.progress import progress_bar
+from ..util.ranks import (
+    DistributedWarning,
+    group_initialized,
+    is_distributed,
+    rank,
+    use_distributed,
+    world_size,
+)
 from ..util.stacklevel import find_stack_level
+
+#: Whether the code runs inside :func:`map_over_ranks` (whose items run on one rank each).
+_SHARING_OUT: ContextVar[bool] = ContextVar("pyro_structsel_sharing_out", default=False)
 
 # ----------------------------------------------------------------------------- collectives
 
@@ -286,3 +298,57 @@ def load_shared(load: Callable[[str], dict[str, Any] | None], path: str
     if kind == "error":
         raise ValueError(payload)
     return payload
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+
+def map_over_ranks(function: Callable[[Any], Any], items: Sequence[Any], *, enabled: bool,
+                   where: str, desc: str = "", progress: bool = False,
+                   unit: str = "items") -> list[Any]:
+    r"""``[function(item) for item in items]``, with the items shared out over the ranks.
+
+    With ``enabled`` and a process group of :math:`R` ranks, rank :math:`r`
+    computes the items :math:`r, r + R, r + 2R, \dots` on its own (each
+    item runs on this process alone, outside any data-parallel fit), and
+    every rank receives every result (``all_gather_object``), in the order
+    of ``items``: one table on every rank. Equal seeds per item give the
+    table of one process. An exception on one rank is raised on every rank
+    (the failing rank raises its own, the others a ``RuntimeError`` naming
+    it). Without ``enabled``, without a group, with one rank, or inside
+    another :func:`map_over_ranks` (its items already run on one rank each),
+    it is the plain loop.
+
+    The results must pickle. ``desc``, ``progress`` and ``unit``: a progress
+    bar over this rank's items, on rank 0.
+    """
+    items = list(items)
+    if not enabled or not group_initialized() or tdist.get_world_size() == 1 \
+            or _SHARING_OUT.get():
+        return [function(item)
+                for item in progress_bar(items, desc=desc, enabled=progress, unit=unit)]
+    me, ranks = tdist.get_rank(), tdist.get_world_size()
+    mine: dict[int, Any] = {}
+    error: BaseException | None = None
+    token = _SHARING_OUT.set(True)
+    try:
+        with use_distributed(False):
+            for index in progress_bar(range(me, len(items), ranks), desc=desc,
+                                      enabled=progress and me == 0, unit=unit):
+                mine[index] = function(items[index])
+    except Exception as caught:  # noqa: BLE001 -- raised on every rank just below
+        error = caught
+    finally:
+        _SHARING_OUT.reset(token)
+    gathered: list[Any] = [None] * ranks
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    tdist.all_gather_object(gathered, (mine if error is None else {}, message))
+    if error is not None:
+        raise error
+    for other, (_, failure) in enumerate(gathered):
+        if failure is not None:
+            raise RuntimeError(f"Rank {other} failed {where} ({failure}); this rank stops too.")
+    results: dict[int, Any] = {}
+    for part, _ in gathered:
+        results.update(part)
+    return [results[index] for index in range(len(items))]
