@@ -1,30 +1,42 @@
-"""Speed of select_structure's fit against a plain PyTorch DARTS supernet (prints JSON).
+"""Speed of a fit: the traced and compiled SVI step against a plain PyTorch supernet (JSON).
 
 Usage::
 
-    python benchmarks/speed.py            # full: widths 64 and 256, N up to 1e5, 3 teachers
-    python benchmarks/speed.py --quick    # short version (a minute or two)
+    python benchmarks/speed.py            # full: 2 models x widths 64, 256 x batches 64,
+                                          # 256, 1024 x threads 1, 2; scaling; teacher
+    python benchmarks/speed.py --quick    # one size per model, one thread (a few minutes)
 
-(i) ``ratio``: time per SVI step of ``select_structure`` on the digits
-two-hidden-layer family (4 candidate activations per layer, batch 256, Adam)
-over the time per step of a plain PyTorch DARTS supernet of the same
-architecture (Linear → softmax(α)-mixed activations → Linear → mixed →
-Linear, point estimates, ``torch.optim.Adam``), run in the same process,
-interleaved in rounds; the ratio of each round is taken and the median over
-rounds reported. Variants: the stock Pyro path (``fast=False``:
-TraceMeanField_ELBO + per-tensor ``pyro.optim.Adam``), the fast path
-(default: the traced ELBO step + ``FlatAdam``), the traced step with Pyro's Adam
-(the optimiser lever alone), at 1 and 2 torch threads. ``elbo_levers``: time
-of one ``loss_and_grads`` alone for the stock ELBO, Pyro's
-``JitTraceMeanField_ELBO`` and the traced ELBO step.
+(i) ``steps``: time per SVI step of two models against a plain eager PyTorch
+DARTS supernet of the same architecture (softmax(α)-mixed activations,
+point estimates, ``torch.optim.Adam``, the same minibatch size), in the same
+process, interleaved in rounds; the ratio of each round is taken and the
+median and the minimum over rounds reported. The models: ``user``, the
+supernet a user writes in Pyro (digits, one ``ps.structure`` site over
+relu/tanh/sigmoid/identity, ``W1``, ``b1``, ``W2``, ``b2`` as ``pyro.sample``
+Normal sites, ``pyro.plate(..., subsample_size=batch)``; its supernet has
+one hidden layer), and ``network``, ``ps.NetworkModel`` of the
+two-hidden-layer family (two sites; its supernet has two hidden layers),
+each with the default guide. Variants, all stepped by ``FlatAdam``: ``pyro``
+(Pyro's ``TraceMeanField_ELBO``), ``traced`` (``TracedELBO``) and
+``compiled`` (``TracedELBO.compile()``). A step here is ``loss_and_grads``,
+the Adam update and dropping the gradients; ``fit`` adds its non-finite
+checks (the ``fit`` rows time ``fit`` itself). ``trace_s`` and
+``compile_s`` are the seconds spent building (cold: a fresh inductor cache
+for the run); ``break_even_trace`` = trace_s / (pyro - traced) and
+``break_even_compile`` = compile_s / (traced - compiled), in steps.
 
-(ii) ``scaling``: seconds per epoch (N / 256 steps) and peak resident memory
-of the fast fit on N synthetic points, each N in a fresh subprocess reading
+(ii) ``direct_compile``: what ``torch._dynamo.explain`` makes of Pyro's own
+``differentiable_loss`` (the alternative to tracing with make_fx).
+
+(iii) ``scaling``: seconds per epoch (N / 256 steps) and peak resident memory
+of a fit on N synthetic points, each N in a fresh subprocess reading
 ``ru_maxrss``; the data alone take N × 65 × 4 bytes.
 
-(iii) ``teacher``: steps and seconds until the structure read off q (argmax
+(iv) ``teacher``: steps and seconds until the structure read off q (argmax
 of the Dirichlet concentration) equals the teacher's activation and stays so
 to the end, on the synthetic teacher of ``tests/test_recovery.py``.
+
+No GPU row: no GPU machine was lent to this work.
 """
 
 from __future__ import annotations
@@ -37,149 +49,214 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-import warnings
 from typing import Any
 
+# compile seconds are reported cold: a fresh inductor cache for this run
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="speed-inductor-"))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 import pyro  # noqa: E402
+import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import pyro_structsel as ps  # noqa: E402
-from pyro_structsel.infer.traced import TracedELBO  # noqa: E402
-from pyro_structsel.infer.guides import build_guide
+from pyro_structsel.infer.guides import build_guide  # noqa: E402
+from pyro_structsel.infer.optim import FlatAdam  # noqa: E402
 from pyro_structsel.infer.scope import model_sites_and_params  # noqa: E402
-from pyro_structsel.infer.svi import FactorisedELBO  # noqa: E402
+from pyro_structsel.infer.svi import FactorisedELBO, fit  # noqa: E402
+from pyro_structsel.infer.traced import TracedELBO  # noqa: E402
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "identity")
+FUNCTIONS = [torch.relu, torch.tanh, torch.sigmoid, lambda z: z]
 BATCH = 256
 LR = 0.01
 
 
 class Supernet(nn.Module):
-    """DARTS-style supernet: softmax(α)-mixed activations between three Linear layers."""
+    """DARTS-style supernet: softmax(α)-mixed activations after each hidden Linear layer."""
 
-    def __init__(self, d_in: int, width: int, d_out: int) -> None:
+    def __init__(self, d_in: int, widths: tuple[int, ...], d_out: int) -> None:
         super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(d_in, width), nn.Linear(width, width),
-                                     nn.Linear(width, d_out)])
+        sizes = (d_in, *widths, d_out)
+        self.layers = nn.ModuleList([nn.Linear(a, b) for a, b in zip(sizes, sizes[1:])])
         self.alphas = nn.ParameterList([nn.Parameter(torch.zeros(len(ACTIVATIONS)))
-                                        for _ in range(2)])
-        self.acts = [ps.model.family.activation(a) for a in ACTIVATIONS]
+                                        for _ in widths])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer, alpha in zip(self.layers, self.alphas):
             z = layer(x)
             weights = torch.softmax(alpha, 0)
-            x = sum(weights[k] * act(z) for k, act in enumerate(self.acts))
+            x = sum(weights[k] * f(z) for k, f in enumerate(FUNCTIONS))
         return self.layers[-1](x)
 
 
-def _per_step(stamps: list[float], skip: int) -> float:
-    diffs = [b - a for a, b in zip(stamps, stamps[1:])][skip:]
-    return statistics.median(diffs)
+def user_model(width: int, batch: int) -> Any:
+    """The supernet a user writes in Pyro: one structural site, Normal weights, a minibatch."""
+
+    def model(x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        gamma = ps.structure("activation", ACTIVATIONS)
+        w1 = pyro.sample("W1", dist.Normal(torch.zeros(x.shape[1], width), 1.0).to_event(2))
+        b1 = pyro.sample("b1", dist.Normal(torch.zeros(width), 1.0).to_event(1))
+        w2 = pyro.sample("W2", dist.Normal(torch.zeros(width, 10), 1.0).to_event(2))
+        b2 = pyro.sample("b2", dist.Normal(torch.zeros(10), 1.0).to_event(1))
+        with pyro.plate("data", x.shape[0], subsample_size=batch) as idx:
+            z = x[idx] @ w1 + b1
+            h = sum(gamma[k] * f(z) for k, f in enumerate(FUNCTIONS))
+            pyro.sample("y", dist.Categorical(logits=h @ w2 + b2),
+                        obs=None if y is None else y[idx])
+
+    return model
 
 
-def darts_step(x: torch.Tensor, y: torch.Tensor, width: int, steps: int) -> float:
-    torch.manual_seed(0)
-    net = Supernet(x.shape[1], width, int(y.max()) + 1)
+def _per_step(stamps: list[float], skip: int = 10) -> float:
+    return statistics.median([b - a for a, b in zip(stamps, stamps[1:])][skip:])
+
+
+def darts_steps(net: Supernet, x: torch.Tensor, y: torch.Tensor, batch: int, steps: int
+                ) -> float:
     opt = torch.optim.Adam(net.parameters(), lr=LR)
     stamps = []
     for _ in range(steps):
-        idx = torch.randperm(len(x))[:BATCH]
+        idx = torch.randperm(len(x))[:batch]
         loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
         stamps.append(time.perf_counter())
-    return _per_step(stamps, 10)
+    return _per_step(stamps)
 
 
-def ours_step(x: torch.Tensor, y: torch.Tensor, width: int, steps: int, **options: Any
+def svi_steps(elbo: Any, model: Any, guide: Any, args: tuple, kwargs: dict, steps: int
               ) -> float:
-    stamps: list[float] = []
+    """Seconds per step: loss_and_grads, one FlatAdam update, gradients dropped."""
+    optim = FlatAdam({"lr": LR})
+    stamps = []
+    for _ in range(steps):
+        if isinstance(elbo, TracedELBO):
+            elbo.loss_and_grads(model, guide, *args, **kwargs)
+            params = list(elbo.parameters_read().values())
+        else:
+            with pyro.poutine.trace(param_only=True) as capture:
+                elbo.loss_and_grads(model, guide, *args, **kwargs)
+            params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
+        optim(params)
+        for param in params:
+            param.grad = None
+        stamps.append(time.perf_counter())
+    return _per_step(stamps)
+
+
+def _setup(kind: str, width: int, batch: int, x: torch.Tensor, y: torch.Tensor
+           ) -> tuple[Any, Any, tuple, dict, Supernet]:
     torch.manual_seed(0)
-    model = ps.NetworkModel(ps.two_hidden_layer(x.shape[1], int(y.max()) + 1,
-                                                hidden=(width, width), activations=ACTIVATIONS))
-    ps.select_structure(model, x, y, batch_size=BATCH, num_steps=steps, lr=LR, seed=0,
-                        progress=False, num_evidence_samples=5,
-                        callback=lambda step, loss: stamps.append(time.perf_counter()),
-                        **options)
-    return _per_step(stamps, 10)
+    if kind == "user":
+        model, kwargs, widths = user_model(width, batch), {}, (width,)
+    else:
+        model = ps.NetworkModel(ps.two_hidden_layer(x.shape[1], 10, hidden=(width, width),
+                                                    activations=ACTIVATIONS))
+        kwargs, widths = {"batch_size": batch}, (width, width)
+    sites, _ = model_sites_and_params(model, (x, y), kwargs)
+    guide = build_guide(model, None, sites, (x, y), kwargs, None)
+    with torch.no_grad():
+        guide(x, y, **kwargs)
+    return model, guide, (x, y), kwargs, Supernet(x.shape[1], widths, 10)
 
 
-def ratio(widths: list[int], threads: list[int], rounds: int, steps: int) -> dict[str, Any]:
+def steps_rows(kinds: list[str], widths: list[int], batches: list[int], threads: list[int],
+               rounds: int, steps: int) -> list[dict[str, Any]]:
     data = ps.load_digits()
     x, y = data.x_train, data.y_train
-    variants = {"stock": {"fast": False}, "fast": {},
-                "fast_elbo_pyro_adam": {"optim": pyro.optim.Adam({"lr": LR})}}
-    out: dict[str, Any] = {}
+    rows = []
+    for kind in kinds:
+        for width in widths:
+            for batch in batches:
+                with pyro.get_param_store().scope():
+                    rows += _config_rows(kind, width, batch, threads, rounds, steps, x, y)
+    return rows
+
+
+def _config_rows(kind: str, width: int, batch: int, threads: list[int], rounds: int,
+                 steps: int, x: torch.Tensor, y: torch.Tensor) -> list[dict[str, Any]]:
+    torch.set_num_threads(1)
+    model, guide, args, kwargs, net = _setup(kind, width, batch, x, y)
+    stock = FactorisedELBO(max_plate_nesting=1)
+    traced = TracedELBO(model, guide, args, kwargs, elbo=stock)
+    compiled = TracedELBO(model, guide, args, kwargs, elbo=stock)
+    compile_s = compiled.compile()
+    out = []
     for num_threads in threads:
         torch.set_num_threads(num_threads)
-        for width in widths:
-            times: dict[str, list[float]] = {"darts": [], **{k: [] for k in variants}}
-            for _ in range(rounds):  # interleaved: each round runs every variant once
-                times["darts"].append(darts_step(x, y, width, steps))
-                for name, options in variants.items():
-                    if "optim" in options:
-                        options = {"optim": pyro.optim.Adam({"lr": LR})}
-                    times[name].append(ours_step(x, y, width, steps, **options))
-            entry: dict[str, Any] = {"darts_ms": 1e3 * statistics.median(times["darts"])}
-            for name in variants:
-                entry[f"{name}_ms"] = 1e3 * statistics.median(times[name])
-                entry[f"{name}_ratio"] = statistics.median(
-                    t / d for t, d in zip(times[name], times["darts"]))
-            out[f"threads={num_threads},width={width}"] = {k: round(v, 3)
-                                                            for k, v in entry.items()}
+        times: dict[str, list[float]] = {"darts": [], "pyro": [], "traced": [], "compiled": []}
+        for _ in range(rounds):  # interleaved: each round runs every variant once
+            times["darts"].append(darts_steps(net, x, y, batch, steps))
+            times["pyro"].append(svi_steps(stock, model, guide, args, kwargs, steps))
+            times["traced"].append(svi_steps(traced, model, guide, args, kwargs, steps))
+            times["compiled"].append(svi_steps(compiled, model, guide, args, kwargs, steps))
+        row: dict[str, Any] = {"model": kind, "width": width, "batch": batch,
+                               "threads": num_threads, "nodes": traced.num_nodes,
+                               "trace_s": round(traced.trace_seconds, 2),
+                               "compile_s": round(compile_s, 1)}
+        for name, samples in times.items():
+            row[f"{name}_ms"] = round(1e3 * statistics.median(samples), 3)
+            if name != "darts":
+                ratios = [t / d for t, d in zip(samples, times["darts"])]
+                row[f"{name}_ratio"] = round(statistics.median(ratios), 2)
+                row[f"{name}_ratio_min"] = round(min(ratios), 2)
+        saved_trace = (row["pyro_ms"] - row["traced_ms"]) / 1e3
+        saved_compile = (row["traced_ms"] - row["compiled_ms"]) / 1e3
+        row["break_even_trace"] = round(traced.trace_seconds / saved_trace) \
+            if saved_trace > 0 else None
+        row["break_even_compile"] = round(compile_s / saved_compile) \
+            if saved_compile > 0 else None
+        out.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    torch.set_num_threads(1)
     return out
 
 
-def elbo_levers(width: int, repeats: int) -> dict[str, Any]:
-    """Time of one loss_and_grads (ms) per ELBO, same model, guide and minibatch size."""
-    torch.set_num_threads(1)
+def fit_rows(steps: int, rounds: int) -> list[dict[str, Any]]:
+    """``fit`` itself (traced, with its checks) against the supernet: width 64, batch 256."""
     data = ps.load_digits()
     x, y = data.x_train, data.y_train
-    model = ps.NetworkModel(ps.two_hidden_layer(64, 10, hidden=(width, width)))
-    kwargs = {"batch_size": BATCH}
-    sites, _ = model_sites_and_params(model, (x, y), kwargs)
-    out: dict[str, Any] = {}
+    torch.set_num_threads(1)
+    rows = []
+    for kind in ("user", "network"):
+        ratios, darts, ours = [], [], []
+        for _ in range(rounds):
+            with pyro.get_param_store().scope():
+                model, guide, args, kwargs, net = _setup(kind, 64, BATCH, x, y)
+                stamps: list[float] = []
+                fit(model, guide, args, kwargs, num_steps=steps, optim=FlatAdam({"lr": LR}),
+                    progress=False, fast=True, compile=False,
+                    callback=lambda step, loss: stamps.append(time.perf_counter()))
+            ours.append(_per_step(stamps))
+            darts.append(darts_steps(net, x, y, BATCH, steps))
+            ratios.append(ours[-1] / darts[-1])
+        rows.append({"model": kind, "width": 64, "batch": BATCH, "threads": 1,
+                     "fit_traced_ms": round(1e3 * statistics.median(ours), 3),
+                     "darts_ms": round(1e3 * statistics.median(darts), 3),
+                     "fit_traced_ratio": round(statistics.median(ratios), 2),
+                     "fit_traced_ratio_min": round(min(ratios), 2)})
+    return rows
+
+
+def direct_compile() -> dict[str, Any]:
+    """Graph breaks of ``torch._dynamo`` on Pyro's own loss (the user model, width 64)."""
+    import torch._dynamo
+
+    data = ps.load_digits()
+    x, y = data.x_train, data.y_train
     with pyro.get_param_store().scope():
-        guide = build_guide(model, None, sites, (x, y), kwargs, None)
-        guide(x, y, **kwargs)
-        elbos: dict[str, Any] = {
-            "stock_trace_mean_field": FactorisedELBO(max_plate_nesting=1),
-            "jit_trace_mean_field": pyro.infer.JitTraceMeanField_ELBO(
-                max_plate_nesting=1, ignore_jit_warnings=True),
-            "traced": TracedELBO(model, guide, (x, y), kwargs,
-                                 elbo=FactorisedELBO(max_plate_nesting=1))}
-        params = [p for _, p in pyro.get_param_store().named_parameters()]
-        for name, elbo in elbos.items():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the JIT ELBO's mean-field order warning
-                out.update(_time_elbo(name, elbo, model, guide, x, y, kwargs, params, repeats))
-    return out
-
-
-def _time_elbo(name: str, elbo: Any, model: Any, guide: Any, x: torch.Tensor, y: torch.Tensor,
-               kwargs: dict[str, Any], params: list[torch.Tensor], repeats: int
-               ) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    try:
-        for _ in range(5):
-            elbo.loss_and_grads(model, guide, x, y, **kwargs)
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            elbo.loss_and_grads(model, guide, x, y, **kwargs)
-            samples.append(time.perf_counter() - start)
-            for p in params:
-                p.grad = None
-        out[f"{name}_ms"] = round(1e3 * statistics.median(samples), 3)
-    except Exception as error:  # noqa: BLE001 -- report the lever as not applicable
-        out[f"{name}_ms"] = f"failed: {type(error).__name__}: {str(error)[:60]}"
-    return out
+        model, guide, args, kwargs, _ = _setup("user", 64, BATCH, x, y)
+        elbo = FactorisedELBO(max_plate_nesting=1)
+        explained = torch._dynamo.explain(
+            lambda: elbo.differentiable_loss(model, guide, *args, **kwargs))()
+    reasons = sorted({str(r.reason).splitlines()[0][:80] for r in explained.break_reasons})
+    return {"graphs": explained.graph_count, "graph_breaks": explained.graph_break_count,
+            "reasons": reasons[:5]}
 
 
 def scaling_child(num: int, epochs: int) -> dict[str, Any]:
@@ -192,7 +269,7 @@ def scaling_child(num: int, epochs: int) -> dict[str, Any]:
     stamps: list[float] = []
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     ps.select_structure(model, x, y, batch_size=BATCH, num_steps=steps, lr=LR, seed=0,
-                        progress=False, num_evidence_samples=2,
+                        progress=False, num_evidence_samples=2, fast=True, compile=False,
                         callback=lambda step, loss: stamps.append(time.perf_counter()))
     per_step = statistics.mean(b - a for a, b in zip(stamps, stamps[1:]))
     return {"N": num, "steps": steps, "seconds_per_epoch": per_step * num / BATCH,
@@ -221,7 +298,7 @@ def teacher(seeds: list[int], steps: int) -> list[dict[str, Any]]:
     for seed in seeds:
         label = TEACHER_LABELS[seed % len(TEACHER_LABELS)]
         x, y = spec.data(seed, label)
-        for fast in (True, False):
+        for fast in (True, False):  # the traced step and Pyro's ELBO
             pyro.set_rng_seed(seed)
             model = spec.model("dirichlet")
             labels = model.net.mixed_ops["activation"][1].labels
@@ -265,11 +342,14 @@ def main() -> None:
     report = {
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "processor": platform.processor(), "torch": torch.__version__,
-                    "pyro": pyro.__version__, "batch_size": BATCH},
+                    "pyro": pyro.__version__,
+                    "gpu": "none: no GPU machine was lent to this work, so no GPU row"},
         "command": "python benchmarks/speed.py" + (" --quick" if quick else ""),
-        "ratio": ratio([64] if quick else [64, 256], [1] if quick else [1, 2],
-                       rounds=3 if quick else 5, steps=60 if quick else 150),
-        "elbo_levers": elbo_levers(64, repeats=50 if quick else 200),
+        "steps": steps_rows(["user", "network"], [64] if quick else [64, 256],
+                            [256] if quick else [64, 256, 1024], [1] if quick else [1, 2],
+                            rounds=3 if quick else 5, steps=100 if quick else 150),
+        "fit": fit_rows(steps=150, rounds=3),
+        "direct_compile": direct_compile(),
         "scaling": scaling([1000, 10000] if quick else [1000, 10000, 100000],
                            epochs=1 if quick else 2),
         "teacher": teacher([0] if quick else [0, 1, 2], steps=300),
