@@ -25,7 +25,10 @@ checks (the ``fit`` rows time ``fit`` itself). ``trace_s`` and
 for the run); ``break_even_trace`` = trace_s / (pyro - traced) and
 ``break_even_compile`` = compile_s / (traced - compiled), in steps.
 
-(ii) ``direct_compile``: what ``torch._dynamo.explain`` makes of Pyro's own
+(ii) ``inner_run``: an inner run of ``optimize_hyperparameters`` (SGD with
+momentum on θ, ``NetworkModel`` width 64, minibatch 256) with autograd through
+Pyro's ELBO against the traced step (``HyperparameterProblem.gradient``).
+``direct_compile``: what ``torch._dynamo.explain`` makes of Pyro's own
 ``differentiable_loss`` (the alternative to tracing with make_fx).
 
 (iii) ``scaling``: seconds per epoch (N / 256 steps) and peak resident memory
@@ -243,6 +246,37 @@ def fit_rows(steps: int, rounds: int) -> list[dict[str, Any]]:
     return rows
 
 
+def inner_run(steps: int) -> dict[str, Any]:
+    """An inner run of optimize_hyperparameters (SGD with momentum on θ), autograd vs traced.
+
+    NetworkModel of the two-hidden-layer family (width 64, minibatch 256, learnable prior
+    scales as the hyperparameters), ``steps`` steps; the traced run's first call traces.
+    """
+    from pyro_structsel.hyper import hyperopt
+    from pyro_structsel.hyper.reversible import sgd_momentum
+
+    torch.set_num_threads(1)
+    data = ps.load_digits()
+    model = ps.NetworkModel(ps.two_hidden_layer(64, 10, hidden=(64, 64),
+                                                activations=ACTIVATIONS),
+                            learn_prior_scale=True)
+    (problem,) = hyperopt.hyperparameter_problem(
+        model, data.x_train, data.y_train, hyperparameters=["net.prior_scale"], seed=0,
+        batch_size=BATCH)
+    lr, momentum = torch.full((steps,), 0.01), torch.full((steps,), 0.9)
+    start = time.perf_counter()
+    eager = sgd_momentum(problem.loss, problem.theta0, problem.hyper0, lr, momentum)
+    middle = time.perf_counter()
+    traced = sgd_momentum(problem.loss, problem.theta0, problem.hyper0, lr, momentum,
+                          gradient=problem.gradient)
+    end = time.perf_counter()
+    trace_s = problem._traced_elbo().trace_seconds
+    return {"steps": steps, "autograd_ms_per_step": round(1e3 * (middle - start) / steps, 3),
+            "traced_ms_per_step": round(1e3 * (end - middle - trace_s) / steps, 3),
+            "trace_s": round(trace_s, 2),
+            "max_abs_difference": float((traced - eager).abs().max())}
+
+
 def direct_compile() -> dict[str, Any]:
     """Graph breaks of ``torch._dynamo`` on Pyro's own loss (the user model, width 64)."""
     import torch._dynamo
@@ -349,6 +383,7 @@ def main() -> None:
                             [256] if quick else [64, 256, 1024], [1] if quick else [1, 2],
                             rounds=3 if quick else 5, steps=100 if quick else 150),
         "fit": fit_rows(steps=150, rounds=3),
+        "inner_run": inner_run(steps=100 if quick else 300),
         "direct_compile": direct_compile(),
         "scaling": scaling([1000, 10000] if quick else [1000, 10000, 100000],
                            epochs=1 if quick else 2),

@@ -17,6 +17,9 @@ from pyro.distributions import constraints
 import pyro_structsel as ps
 from pyro_structsel.hyper import hypergradients, hyperopt
 from pyro_structsel.hyper.reversible import rmad, sgd_momentum
+from pyro_structsel.infer.traced import TracedELBO
+
+from common import assert_close
 
 
 @pytest.fixture
@@ -291,6 +294,34 @@ def test_bridge_blr_unrolled_matches_finite_differences_and_store_untouched(floa
             float(problem.loss(problem.theta0, hyper, 4))
     assert set(pyro.get_param_store().keys()) == {"user_param"}
     assert float(pyro.param("user_param").detach()) == 3.0
+
+
+def test_inner_runs_replay_a_traced_step_with_autograds_draws(float64):
+    # the first-order runs (implicit's, joint, the final ones) take the traced step's gradient:
+    # the same draws per step, equal to autograd through problem.loss to float64 rounding
+    x, y = _blr_data()
+    (problem,) = hyperopt.hyperparameter_problem(
+        _blr_model, x, y, hyperparameters=["prior_precision"], num_particles=2, seed=7)
+    hyper = problem.hyper0 + 0.4
+    for step in (0, 3):
+        point = problem.theta0.clone().requires_grad_(True)
+        (expected,) = torch.autograd.grad(problem.loss(point, hyper, step), point)
+        assert_close(problem.gradient(problem.theta0, hyper, step), expected, atol=1e-12,
+                     rtol=1e-10)
+    assert isinstance(problem._traced_elbo(), TracedELBO)
+    lr, momentum = torch.full((12,), 0.02), torch.full((12,), 0.7)
+    eager = sgd_momentum(problem.loss, problem.theta0, hyper, lr, momentum)
+    traced = sgd_momentum(problem.loss, problem.theta0, hyper, lr, momentum,
+                          gradient=problem.gradient)
+    assert_close(traced, eager, atol=1e-12, rtol=1e-10)
+    # joint descent (empirical Bayes) takes the hyperparameter's gradient from it too
+    eager = hypergradients.joint(problem.loss, problem.theta0, hyper, lr, momentum)
+    traced = hypergradients.joint(problem.loss, problem.theta0, hyper, lr, momentum,
+                                  gradients=problem.value_and_gradients)
+    for key in ("hyper_trajectory", "losses"):
+        assert_close(traced.diagnostics[key], eager.diagnostics[key], atol=1e-12, rtol=1e-10)
+    assert_close(traced.theta, eager.theta, atol=1e-12, rtol=1e-10)
+    assert not list(pyro.get_param_store().keys())
 
 
 def test_bridge_network_unrolled_rmad_and_structural_hyperparameters(float64):

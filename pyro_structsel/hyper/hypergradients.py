@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from .reversible import Hypergradient, check_schedules, check_vector, sgd_momentum
+from .reversible import GradientFn, Hypergradient, check_schedules, check_vector, sgd_momentum
 
 Loss = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -302,7 +302,8 @@ def neumann_series(hvp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor,
 def implicit(loss: Loss, objective: Objective, theta0: torch.Tensor, hyper: torch.Tensor,
              lr: torch.Tensor, momentum: torch.Tensor, *, solver: str = "cg",
              tol: float = 1e-10, max_iter: int = 100, neumann_step_size: float | None = None,
-             neumann_terms: int = 50, grad_tol: float | None = 1e-4) -> Hypergradient:
+             neumann_terms: int = 50, grad_tol: float | None = 1e-4,
+             gradient: GradientFn | None = None) -> Hypergradient:
     r"""Hypergradient at the inner optimum by the implicit function theorem.
 
     Runs the :math:`\eta` inner steps to :math:`\theta^*` and, treating it as
@@ -340,6 +341,10 @@ def implicit(loss: Loss, objective: Objective, theta0: torch.Tensor, hyper: torc
         :math:`\|\nabla_\theta L(\theta^*)\| >` ``grad_tol``: the run is not at
         an optimum and the hypergradient is not what the theorem promises.
         ``None`` skips the check (e.g. for a stochastic loss).
+    gradient : callable, optional
+        :math:`\nabla_\theta L` computed another way for the inner run (see
+        :func:`~pyro_structsel.hyper.reversible.sgd_momentum`); the
+        second-order terms at :math:`\theta^*` still come from ``loss``.
 
     Returns
     -------
@@ -365,7 +370,7 @@ def implicit(loss: Loss, objective: Objective, theta0: torch.Tensor, hyper: torc
             raise ValueError(f"Expected neumann_step_size > 0, but got {neumann_step_size!r}.")
     start = time.perf_counter()
     steps = lr.numel()
-    theta_star = sgd_momentum(loss, theta0, hyper, lr, momentum)
+    theta_star = sgd_momentum(loss, theta0, hyper, lr, momentum, gradient=gradient)
     with torch.enable_grad():
         theta_, hyper_ = _leaf(theta_star), _leaf(hyper)
         (g,) = _grad(_scalar(loss(theta_, hyper_, steps), "loss", steps), [theta_],
@@ -402,7 +407,9 @@ def implicit(loss: Loss, objective: Objective, theta0: torch.Tensor, hyper: torc
 
 
 def joint(loss: Loss, theta0: torch.Tensor, hyper: torch.Tensor, lr: torch.Tensor,
-          momentum: torch.Tensor, *, hyper_lr: float = 0.01, update: Update | None = None
+          momentum: torch.Tensor, *, hyper_lr: float = 0.01, update: Update | None = None,
+          gradients: Callable[[torch.Tensor, torch.Tensor, int],
+                              tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
           ) -> Hypergradient:
     r"""Empirical Bayes: descend :math:`\theta` and :math:`h` together on the same loss.
 
@@ -412,7 +419,9 @@ def joint(loss: Loss, theta0: torch.Tensor, hyper: torch.Tensor, lr: torch.Tenso
     :math:`L(\theta_t, h_t, t)` are taken; :math:`\theta` moves by the inner
     SGD with momentum (schedules ``lr``, ``momentum``) and :math:`h` by
     ``update(t, h_t, ∂_h L)`` (default: Adam with learning rate ``hyper_lr``,
-    whose state lives for this call).
+    whose state lives for this call). ``gradients(theta, h, t)``, if given,
+    returns :math:`(L, \partial_\theta L, \partial_h L)` computed another way
+    (a traced step) for the steps of the run.
 
     Returns
     -------
@@ -444,10 +453,13 @@ def joint(loss: Loss, theta0: torch.Tensor, hyper: torch.Tensor, lr: torch.Tenso
     theta, velocity, h = theta0.clone(), torch.zeros_like(theta0), hyper.clone()
     trajectory, losses = [h.clone()], []
     for t in range(steps):
-        with torch.enable_grad():
-            point, h_ = _leaf(theta), _leaf(h)
-            value = _scalar(loss(point, h_, t), "loss", t)
-            d_theta, d_h = _grad(value, [point, h_])
+        if gradients is not None:
+            value, d_theta, d_h = gradients(theta, h, t)
+        else:
+            with torch.enable_grad():
+                point, h_ = _leaf(theta), _leaf(h)
+                value = _scalar(loss(point, h_, t), "loss", t)
+                d_theta, d_h = _grad(value, [point, h_])
         losses.append(float(value.detach()))
         velocity = momentum[t] * velocity - (1 - momentum[t]) * d_theta
         theta = theta + lr[t] * velocity

@@ -90,6 +90,8 @@ from ..util.stacklevel import find_stack_level
 
 #: ``loss(theta, hyper, step) -> scalar``: the inner training loss at inner step ``step``.
 LossFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+#: ``gradient(theta, hyper, step)``: the gradient of a ``LossFn`` in theta, computed another way.
+GradientFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 #: ``objective(theta, hyper) -> scalar``: the quality :math:`Q` the hyperparameters minimise.
 ObjectiveFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: A schedule: one value per inner step.
@@ -271,7 +273,8 @@ def _numerators(momentum: torch.Tensor, bits: int) -> np.ndarray:
 
 def sgd_momentum(loss: LossFn, theta0: torch.Tensor, hyper: torch.Tensor, lr: Schedule,
                  momentum: Schedule, *, create_graph: bool = False,
-                 momentum_bits: int | None = None) -> torch.Tensor:
+                 momentum_bits: int | None = None,
+                 gradient: GradientFn | None = None) -> torch.Tensor:
     r""":math:`\theta_\eta` after :math:`\eta` steps of SGD with momentum, in plain float.
 
     .. math::
@@ -299,6 +302,11 @@ def sgd_momentum(loss: LossFn, theta0: torch.Tensor, hyper: torch.Tensor, lr: Sc
     momentum_bits : int, optional
         Use :func:`quantize_momentum` ``(momentum, momentum_bits)``, the momentum
         :func:`rmad` runs with (its derivative passes straight through).
+    gradient : callable, optional
+        ``gradient(theta, hyper, step)`` :math:`= \nabla_\theta L(\theta, h, t)`
+        computed another way (a traced step, see
+        :meth:`~pyro_structsel.hyper.hyperopt.HyperparameterProblem.gradient`),
+        used instead of autograd through ``loss`` when ``create_graph`` is off.
 
     Returns
     -------
@@ -317,11 +325,14 @@ def sgd_momentum(loss: LossFn, theta0: torch.Tensor, hyper: torch.Tensor, lr: Sc
     theta = theta0
     velocity = torch.zeros_like(theta0)
     for step in range(lr.numel()):
-        with torch.enable_grad():
-            point = theta if create_graph and theta.requires_grad \
-                else theta.detach().requires_grad_(True)
-            value = _scalar(loss(point, hyper, step), "loss", step)
-            (grad,) = torch.autograd.grad(value, point, create_graph=create_graph)
+        if gradient is not None and not create_graph:
+            grad = gradient(theta, hyper, step)
+        else:
+            with torch.enable_grad():
+                point = theta if create_graph and theta.requires_grad \
+                    else theta.detach().requires_grad_(True)
+                value = _scalar(loss(point, hyper, step), "loss", step)
+                (grad,) = torch.autograd.grad(value, point, create_graph=create_graph)
         if not create_graph:
             grad = grad.detach()
         velocity = momentum[step] * velocity - (1 - momentum[step]) * grad
