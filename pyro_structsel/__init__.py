@@ -89,7 +89,7 @@ from .report import (
     plot_structure_posterior,
     to_inference_data,
 )
-from .selection import SelectionResult, select_structure
+from .selection import DiscreteCheck, OverconfidenceWarning, SelectionResult, select_structure
 from .util import DistributedWarning, VectorizationWarning, init_distributed
 from .util.version import VERSION
 
@@ -105,6 +105,7 @@ __all__ = [
     "Dataset",
     "DescriptionLength",
     "DiagnosticWarning",
+    "DiscreteCheck",
     "DistributedWarning",
     "Estimate",
     "EvidenceMethod",
@@ -117,6 +118,7 @@ __all__ = [
     "MixedOp",
     "NetworkModel",
     "NonFiniteLossError",
+    "OverconfidenceWarning",
     "ParetoKWarning",
     "ReconstructionWarning",
     "SelectionResult",

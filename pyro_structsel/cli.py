@@ -44,6 +44,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -58,6 +59,8 @@ PROG = "pyro-structsel"
 
 #: Defaults of the full run (a few minutes on 2 CPU cores).
 FULL_DEFAULTS: dict[str, Any] = {"steps": 5000, "subsample": None, "evidence_samples": 500}
+#: Default SVI steps of each discrete-check fit at most (they start from the relaxed fit).
+MAX_CHECK_STEPS = 1000
 #: Defaults of ``--quick`` (well under a minute on 2 CPU cores).
 QUICK_DEFAULTS: dict[str, Any] = {"steps": 500, "subsample": None, "evidence_samples": 100}
 
@@ -138,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ELBO particles per gradient step")
     parser.add_argument("--restarts", type=_positive_int, default=1,
                         help="independent fits; the one with the best final ELBO is kept")
+    parser.add_argument("--discrete-check", action=argparse.BooleanOptionalAction,
+                        default=None,
+                        help="score the leading structures of the relaxed fit by their "
+                             "evidence and choose by it (default: on, the network has two "
+                             "structural sites)")
+    parser.add_argument("--check-steps", type=_positive_int, default=None,
+                        help="SVI steps of each structure's fit in the discrete check, "
+                             "warm-started from the relaxed fit (default: --steps, at most "
+                             f"{MAX_CHECK_STEPS})")
     parser.add_argument("--evidence-samples", type=_positive_int, default=None,
                         help="draws from q for the final ELBO estimate (default "
                              f"{FULL_DEFAULTS['evidence_samples']}, "
@@ -176,6 +188,8 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"argument --out: {str(args.out)!r} is a file, not a folder; pass a folder "
                      "for the outputs (created if missing)")
+    if config["check_steps"] is None:
+        config["check_steps"] = min(config["steps"], MAX_CHECK_STEPS)
     config["batch_size"] = args.batch_size or None
     config["checkpoint"] = None if args.checkpoint is None else str(args.checkpoint)
     return config
@@ -237,8 +251,10 @@ def _run_selection(config: Mapping[str, Any]) -> Run:
     import torch
 
     from .datasets import load_digits
+    from .infer.convergence import ConvergenceWarning
     from .model.family import two_hidden_layer
     from .model.network import NetworkModel
+    from .selection.discrete_check import OverconfidenceWarning
     from .selection.select import select_structure
 
     data = load_digits(subsample=config["subsample"], seed=config["data_seed"],
@@ -254,12 +270,16 @@ def _run_selection(config: Mapping[str, Any]) -> Run:
     if temperature is not None:
         temperature = temperature[0] if len(temperature) == 1 else tuple(temperature)
     start = time.perf_counter()
-    result = select_structure(
-        model, data.x_train, data.y_train, batch_size=config["batch_size"],
-        num_steps=config["steps"], lr=config["lr"], num_particles=config["particles"],
-        num_restarts=config["restarts"], temperature=temperature,
-        num_evidence_samples=config["evidence_samples"], seed=config["seed"],
-        progress=not config["no_progress"], checkpoint=config["checkpoint"])
+    with warnings.catch_warnings():  # the report states convergence and overconfidence
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", OverconfidenceWarning)
+        result = select_structure(
+            model, data.x_train, data.y_train, batch_size=config["batch_size"],
+            num_steps=config["steps"], lr=config["lr"], num_particles=config["particles"],
+            num_restarts=config["restarts"], temperature=temperature,
+            num_evidence_samples=config["evidence_samples"], seed=config["seed"],
+            progress=not config["no_progress"], checkpoint=config["checkpoint"],
+            discrete_check=config.get("discrete_check"), check_steps=config.get("check_steps"))
     fit_seconds = time.perf_counter() - start
     network = result.derive().eval()
     with torch.no_grad():
@@ -295,14 +315,37 @@ def format_report(run: Run) -> str:
     options = list(config["activations"])
     width = max(8, *(len(o) + 2 for o in options))
     header = f"{'site':<10}{'chosen':<12}" + "".join(f"{o:>{width}}" for o in options)
-    lines += ["Posterior probability that each option has the largest weight, q(argmax γ = k)",
-              header, "-" * len(header)]
-    for name, site in result.sites.items():
-        probs = dict(zip(site.option_names(), result.probabilities[name].tolist()))
-        row = f"{name:<10}{str(result.structure[name]):<12}"
-        row += "".join(f"{probs.get(o, math.nan):>{width}.3f}" for o in options)
-        lines.append(row)
-    lines.append("")
+    check = result.discrete_check
+    relaxed_title = "Posterior probability that each option has the largest weight, " \
+                    "q(argmax γ = k)"
+    tables = [(relaxed_title, result.relaxed_probabilities, result.relaxed_structure)]
+    if check is not None:  # the evidence's probabilities are the ones to quote
+        tables = [(f"Probability of each option from the discrete evidence of the "
+                   f"{check.num_fits} structures scored", result.probabilities,
+                   result.structure),
+                  ("Relaxed fit (finds the candidates, is not the verdict): "
+                   "q(argmax γ = k)", result.relaxed_probabilities, result.relaxed_structure)]
+    for title, probabilities, structure in tables:
+        lines += [title, header, "-" * len(header)]
+        for name, site in result.sites.items():
+            probs = dict(zip(site.option_names(), probabilities[name].tolist()))
+            row = f"{name:<10}{str(structure[name]):<12}"
+            row += "".join(f"{probs.get(o, math.nan):>{width}.3f}" for o in options)
+            lines.append(row)
+        lines.append("")
+    if check is not None:
+        lines += [f"Discrete check: {check.num_fits} structures fitted for "
+                      f"{check.num_steps} steps each and scored by {check.method} "
+                      f"({check.seconds:.1f} s)"]
+        label_width = max(len(str(label)) for label in check.table.index) + 2
+        lines.append(f"{'structure':<{label_width}}{'log evidence':>14}{'± se':>8}"
+                     f"{'probability':>13}{'q(vertex)':>11}  fit")
+        for label, row in check.table.iterrows():
+            lines.append(f"{str(label):<{label_width}}{_fmt(row['log_evidence']):>14}"
+                         f"{_fmt(row['se']):>8}{row['probability']:>13.3f}"
+                         f"{row['q_probability']:>11.3f}  "
+                         f"{'converged' if row['converged'] else 'NOT converged'}")
+        lines += [check.message(), ""]
     scores = result.scores()
     rows: list[tuple[str, str]] = []
     for name, est in result.evidence.items():
@@ -372,6 +415,11 @@ def results_dict(run: Run) -> dict[str, Any]:
                           for name, site in sites.items()},
         "posterior_mean": {name: dict(zip(site.option_names(), result.posterior_mean[name]))
                            for name, site in sites.items()},
+        "relaxed_structure": result.relaxed_structure,
+        "relaxed_probabilities": {
+            name: dict(zip(site.option_names(), result.relaxed_probabilities[name]))
+            for name, site in sites.items()},
+        "discrete_check": None,
         "scores": result.scores().to_dict(),
         "evidence": {name: {"value": est.value, "se": est.se, "num_samples": est.num_samples,
                             "method": est.method} for name, est in result.evidence.items()},
@@ -393,6 +441,17 @@ def results_dict(run: Run) -> dict[str, Any]:
             "optimal_prior_scale": diag.get("optimal_prior_scale"),
             "current_prior_scale": diag.get("current_prior_scale"),
             "num_weights": diag.get("num_weights")}
+    check = result.discrete_check
+    if check is not None:
+        out["discrete_check"] = {
+            "method": check.method, "agrees": check.agrees, "num_fits": check.num_fits,
+            "num_steps": check.num_steps, "seconds": check.seconds,
+            "message": check.message(),
+            "structures": [{"structure": row["structure"], "log_evidence": row["log_evidence"],
+                            "se": row["se"], "probability": row["probability"],
+                            "q_probability": row["q_probability"],
+                            "converged": bool(row["converged"])}
+                           for _, row in check.table.iterrows()]}
     if result.structural_complexity is not None:
         diag = result.structural_complexity.diagnostics
         out["structural_complexity"] = {

@@ -58,10 +58,18 @@ def test_results_json_content(tiny_run: tuple[int, Path, str]) -> None:
     results = _strict_json(out / "results.json")
     assert set(results["structure"]) == {"layer1", "layer2"}
     assert set(results["structure"].values()) <= CANDIDATES
-    for site, probs in results["probabilities"].items():
+    for site, probs in results["relaxed_probabilities"].items():
         assert set(probs) == CANDIDATES
         assert math.isclose(sum(probs.values()), 1.0, abs_tol=1e-4)
-        assert max(probs, key=probs.get) == results["structure"][site]
+        assert max(probs, key=probs.get) == results["relaxed_structure"][site]
+    for site, probs in results["probabilities"].items():  # from the discrete check
+        assert set(probs) == CANDIDATES
+        assert math.isclose(sum(probs.values()), 1.0, abs_tol=1e-4)
+    check = results["discrete_check"]
+    assert check["method"] == "elbo" and check["num_steps"] == 30
+    assert check["num_fits"] == len(check["structures"]) >= 7  # the pick and its 6 neighbours
+    assert check["structures"][0]["structure"] == results["structure"]
+    assert "Discrete check" in stdout
     scores = results["scores"]
     for key in ("log_evidence[elbo]", "parametric_complexity", "structural_complexity",
                 "description_length_bits", "num_parameters", "num_superpositions"):
@@ -77,7 +85,8 @@ def test_results_json_content(tiny_run: tuple[int, Path, str]) -> None:
 def test_tables(tiny_run: tuple[int, Path, str]) -> None:
     _, out, _ = tiny_run
     summary = pd.read_csv(out / "summary.csv")
-    assert list(summary.columns) == ["site", "option", "probability", "posterior_mean", "chosen"]
+    assert list(summary.columns) == ["site", "option", "probability", "relaxed_probability",
+                                     "posterior_mean", "chosen"]
     assert len(summary) == 8
     assert summary.groupby("site")["chosen"].sum().tolist() == [1, 1]
     with open(out / "losses.csv", newline="", encoding="utf-8") as f:

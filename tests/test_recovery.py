@@ -66,9 +66,9 @@ class Teacher(TeacherNetwork):
 
 def recover(prior: str, seed: int, label: str | tuple[str, str], *,
             teacher: Any = Teacher(), num_steps: int, lr: float = 0.05,
-            num_restarts: int = 1, temperature: float | tuple[float, float] | None = None
-            ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Fit the student to the teacher of ``seed``; return the structure and probabilities."""
+            num_restarts: int = 1, temperature: float | tuple[float, float] | None = None,
+            **options: Any) -> ps.SelectionResult:
+    """Fit the student to the teacher of ``seed`` (``options`` go to select_structure)."""
     x, y = teacher.data(seed, label)
     pyro.set_rng_seed(seed)  # the network's own initialisation (the guide's starting point)
     model = teacher.model(prior)
@@ -78,10 +78,10 @@ def recover(prior: str, seed: int, label: str | tuple[str, str], *,
         with pyro.validation_enabled(False):  # speed only: the inputs are known to be valid
             result = ps.select_structure(model, x, y, num_steps=num_steps, lr=lr, seed=seed,
                                          num_restarts=num_restarts, temperature=temperature,
-                                         progress=False, num_evidence_samples=20)
+                                         progress=False, num_evidence_samples=20, **options)
     finally:
         torch.set_num_threads(threads)
-    return result.structure, result.probabilities
+    return result
 
 
 def expected_structure(label: str | tuple[str, str]) -> dict[str, str]:
@@ -94,9 +94,10 @@ def _check(prior: str, labels, **settings) -> None:
     outcomes = []
     for seed in range(NUM_SEEDS):
         label = labels(seed)
-        structure, probs = recover(prior, seed, label, **settings)
-        q = {name: [round(float(p), 3) for p in value] for name, value in probs.items()}
-        outcomes.append((seed, expected_structure(label), structure, q))
+        result = recover(prior, seed, label, **settings)
+        q = {name: [round(float(p), 3) for p in value]
+             for name, value in result.probabilities.items()}
+        outcomes.append((seed, expected_structure(label), result.structure, q))
     recovered = sum(want == got for _, want, got, _ in outcomes)
     report = "\n".join(f"seed {s}: teacher {w}, chose {g}, q = {q}" for s, w, g, q in outcomes)
     assert recovered >= REQUIRED, f"{prior}: recovered {recovered}/{NUM_SEEDS}\n{report}"

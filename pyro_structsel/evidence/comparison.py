@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -225,35 +227,82 @@ def compare_structures(
     curvature = (hessian_structure or "kron") if network and \
         method_enum is EvidenceMethod.LAPLACE else None
     def score(structure: Mapping[str, str | int]) -> Estimate:
-        return _score_structure(
-            model, structure, args, kwargs, eval_kwargs, method_enum, guide=guide,
+        return score_structure(
+            model, structure, args, kwargs, method_enum, guide=guide,
             model_params=model_params, num_steps=num_steps,
             optim=optimizer_factory(optim, lr), lr=lr,
             num_particles=num_particles,
             num_samples=num_samples, seed=seed, folds=folds,
-            marginalize_inert=marginalize_inert, curvature=curvature)
+            marginalize_inert=marginalize_inert, curvature=curvature).estimate
 
     with module_params_kept(model):  # the structures shared out over the ranks of a torchrun job
         scored = map_over_ranks(score, chosen, enabled=resolve_distributed(distributed),
                                 where="scoring its structures", desc="compare_structures",
                                 progress=progress, unit="structures")
     estimates = {structure_label(s): estimate for s, estimate in zip(chosen, scored)}
-    return _table(estimates, {structure_label(s): s for s in chosen})
+    return evidence_table(estimates, {structure_label(s): s for s in chosen})
 
 
-def _score_structure(model: Callable[..., Any], structure: Mapping[str, str | int],
-                     args: tuple, kwargs: dict[str, Any], eval_kwargs: dict[str, Any],
-                     method: EvidenceMethod | None, *, guide: Any,
-                     model_params: dict[str, Any], num_steps: int,
-                     optim: Callable[[], pyro.optim.PyroOptim], lr: float,
-                     num_particles: int, num_samples: int, seed: int | None, folds: int,
-                     marginalize_inert: bool, curvature: str | None) -> Estimate:
-    """Log evidence of one structure (``method=None``: cross-validation)."""
+@dataclass
+class StructureFit:
+    """One discrete structure scored by :func:`score_structure`: its evidence and its fit.
+
+    Attributes
+    ----------
+    structure : dict
+        Site → option.
+    estimate : Estimate
+        Log evidence of the structure.
+    model : callable
+        The model with the structure pinned (and inert sites hidden).
+    guide : callable or None
+        The fitted guide (``None`` for estimators that fit none).
+    param_state : dict or None
+        The fit's Pyro parameters (a param-store state, see ``pyro.get_param_store().scope``).
+    losses : list of float
+        Loss (−ELBO) at every SVI step of the fit.
+    seconds : float
+        Wall time of the fit and the estimate.
+    """
+
+    structure: dict[str, str | int]
+    estimate: Estimate
+    model: Callable[..., Any]
+    guide: Any = None
+    param_state: dict[str, Any] | None = None
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def score_structure(model: Callable[..., Any], structure: Mapping[str, str | int],
+                    args: tuple, kwargs: dict[str, Any], method: EvidenceMethod | None, *,
+                    guide: Any, model_params: dict[str, Any], num_steps: int,
+                    optim: Callable[[], pyro.optim.PyroOptim], lr: float = 0.01,
+                    num_particles: int = 1, num_samples: int = 1000, seed: int | None = None,
+                    folds: int = 5, marginalize_inert: bool = True,
+                    curvature: str | None = None,
+                    init_values: Mapping[str, torch.Tensor] | None = None,
+                    init_scales: Mapping[str, torch.Tensor] | None = None) -> StructureFit:
+    """Log evidence of one structure (``method=None``: cross-validation), with its fit.
+
+    The structure is pinned with :func:`fix_structure`, the latents it leaves
+    out are integrated exactly (``marginalize_inert``), and the rest is fitted
+    by SVI from ``init_values`` and ``init_scales`` (the weights' means and
+    scales by site, e.g. a relaxed fit's: a warm start) or the model's own
+    starting point, then scored by ``method`` on the full data.
+    ``model_params`` is the model's own parameter state (see
+    :func:`~pyro_structsel.infer.scope.model_sites_and_params`); the fit
+    runs in a scope of its own and never touches the global store.
+    """
+    started = time.perf_counter()
+    eval_kwargs = scoring_kwargs(kwargs)  # score on the full data, not on a minibatch
     if curvature is not None:  # a network: Gauss-Newton Laplace on the pruned network
-        return ggn_laplace(model, *args, structure=structure, hessian_structure=curvature,
-                           **eval_kwargs)
+        estimate = ggn_laplace(model, *args, structure=structure, hessian_structure=curvature,
+                               **eval_kwargs)
+        return StructureFit(dict(structure), estimate, fix_structure(model, structure),
+                            seconds=time.perf_counter() - started)
     # everything runs in a scope of its own: tracing a PyroModule registers its parameters
-    with pyro.get_param_store().scope(clone_param_state(model_params)):
+    with pyro.get_param_store().scope(clone_param_state(model_params)) as state:
         fixed = fix_structure(model, structure)
         inert = inert_sites(fixed, *args, **eval_kwargs) if marginalize_inert else []
         if inert:  # integrate them out exactly: hide them from inference
@@ -261,20 +310,28 @@ def _score_structure(model: Callable[..., Any], structure: Mapping[str, str | in
         if seed is not None:
             pyro.set_rng_seed(seed)
         if method is None:
-            return cross_validation(fixed, *args, folds=folds, num_steps=num_steps,
-                                    guide=guide, lr=lr, num_samples=num_samples, seed=seed,
-                                    **kwargs)
-        fitted = None
+            estimate = cross_validation(fixed, *args, folds=folds, num_steps=num_steps,
+                                        guide=guide, lr=lr, num_samples=num_samples,
+                                        seed=seed, **kwargs)
+            return StructureFit(dict(structure), estimate, fixed,
+                                seconds=time.perf_counter() - started)
+        fitted, losses = None, []
         if method not in _NEEDS_NO_GUIDE:
-            fitted = build_guide(fixed, guide, {}, args, kwargs, None)
-            fit(fixed, fitted, args, kwargs, num_steps=num_steps, optim=optim(),
-                num_particles=num_particles, progress=False)
-        return estimate_evidence(method, fixed, fitted, *args, num_samples=num_samples,
-                                 **eval_kwargs)
+            fitted = build_guide(fixed, guide, {}, args, kwargs, None, init_values=init_values,
+                                 init_scales=init_scales)
+            losses = fit(fixed, fitted, args, kwargs, num_steps=num_steps, optim=optim(),
+                         num_particles=num_particles, progress=False)
+        with full_data():
+            estimate = estimate_evidence(method, fixed, fitted, *args,
+                                         num_samples=num_samples, **eval_kwargs)
+    return StructureFit(dict(structure), estimate, fixed, fitted,
+                        state if fitted is not None else None, losses,
+                        time.perf_counter() - started)
 
 
-def _table(estimates: Mapping[str, Estimate], structures: Mapping[str, dict[str, Any]]
-           ) -> pd.DataFrame:
+def evidence_table(estimates: Mapping[str, Estimate], structures: Mapping[str, dict[str, Any]]
+                   ) -> pd.DataFrame:
+    """The ranked table of :func:`compare_structures` from estimates by structure label."""
     labels = list(estimates)
     log_ev = torch.tensor([estimates[label].value for label in labels], dtype=torch.float64)
     finite = torch.isfinite(log_ev)

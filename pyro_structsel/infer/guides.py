@@ -10,6 +10,7 @@ default.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
 from operator import attrgetter
@@ -139,7 +140,30 @@ class AutoMeanFieldNormal(AutoNormal):
     gradient for weights that do not touch the likelihood (the candidates a
     fixed structure leaves out) once :math:`q = p`. If any site has
     constrained support, all are sampled as by ``AutoNormal``.
+
+    ``init_scales`` (site → tensor of the site's unconstrained shape) starts
+    those sites' scales where given, e.g. at another fit's (a warm start);
+    the others start at ``init_scale``.
     """
+
+    def __init__(self, model: Callable[..., Any], *,
+                 init_scales: Mapping[str, torch.Tensor] | None = None, **kwargs: Any) -> None:
+        self._init_scales = dict(init_scales or {})
+        super().__init__(model, **kwargs)
+
+    def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
+        super()._setup_prototype(*args, **kwargs)
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            scale = self._init_scales.get(name)
+            if scale is None:
+                continue
+            current = attrgetter(name)(self.scales)
+            if tuple(scale.shape) != tuple(current.shape):
+                raise ValueError(f"Expected the initial scale of site {name!r} to have shape "
+                                 f"{tuple(current.shape)}, but got {tuple(scale.shape)}.")
+            deep_setattr(self.scales, name, PyroParam(
+                scale.detach().clone().to(current.dtype), self.scale_constraint,
+                self._event_dims[name]))
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         if self.prototype_trace is None:
@@ -188,7 +212,8 @@ def default_guide(model: Callable[..., Any], structural: Iterable[str], *,
                   has_weights: bool = True,
                   init_values: Mapping[str, torch.Tensor] | None = None,
                   init_scale: float = 0.05, init_concentration: float = 5.0,
-                  temperature: float | None = None) -> AutoGuideList:
+                  temperature: float | None = None,
+                  init_scales: Mapping[str, torch.Tensor] | None = None) -> AutoGuideList:
     """The default guide: :class:`AutoStructure` for Γ and an autoguide for the rest.
 
     Parameters
@@ -208,6 +233,9 @@ def default_guide(model: Callable[..., Any], structural: Iterable[str], *,
         Initial values of weight sites (e.g. the network's own initialisation).
     init_scale : float
         Initial posterior scale of ``AutoNormal``.
+    init_scales : dict, optional
+        Initial posterior scales by site, over ``init_scale`` (the default
+        weight guide only).
     """
     structural = list(structural)
     guide = AutoGuideList(model)
@@ -222,7 +250,7 @@ def default_guide(model: Callable[..., Any], structural: Iterable[str], *,
                    if init_values else init_to_feasible)
     if weight_guide is None:
         guide.append(AutoMeanFieldNormal(blocked, init_loc_fn=init_loc_fn,
-                                         init_scale=init_scale))
+                                         init_scale=init_scale, init_scales=init_scales))
     elif isinstance(weight_guide, type) and issubclass(weight_guide, AutoGuide):
         guide.append(weight_guide(blocked, init_loc_fn=init_loc_fn))
     elif callable(weight_guide):
@@ -248,14 +276,67 @@ def structure_guides(guide: Any) -> list[AutoStructure]:
 
 
 
-def build_guide(model: Callable[..., Any], guide: Any, sites: Mapping[str, StructuralSite],
-                 args: tuple, kwargs: Mapping[str, Any], temperature: float | None
-                 ) -> Callable[..., Any]:
-    """The guide a fit uses: ``guide`` itself if it is a callable, else :func:`default_guide`.
+def prior_draw_values(trace: Any, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    r"""Starting weight means for a model with no initialisation of its own: prior draws.
 
-    ``None`` or an ``AutoGuide`` class (which then replaces ``AutoNormal`` for
-    the weights) builds the default guide for the structural ``sites``; the
-    model's ``initial_values()``, where it has one, starts the weight means.
+    A weight mean that starts at zero starts every hidden unit alike and
+    every activation in its linear range (near 0, tanh and identity agree),
+    which biases a relaxed fit towards linear structures. A draw from the
+    prior breaks both; for a matrix (two or more dimensions) it is shrunk,
+    where the prior is wider, to Glorot's variance
+    :math:`2 / (\mathrm{fan_{in}} + \mathrm{fan_{out}})` (the two
+    trailing dimensions, in either order: the scale is symmetric in them), so
+    the first pre-activations are of order one, as a network's own
+    initialisation makes them. Vectors (biases) and scalars start at zero
+    when their prior is centred there, else at the prior mean. Sites whose
+    value is not real (constrained support) are left to the guide's default.
+
+    Parameters
+    ----------
+    trace : pyro.poutine.Trace
+        A trace of the model (its values are the prior draws).
+    names : iterable of str
+        The sites to start.
+
+    References
+    ----------
+    X. Glorot, Y. Bengio. Understanding the difficulty of training deep
+    feedforward neural networks. AISTATS 2010.
+    """
+    values = {}
+    for name in names:
+        site = trace.nodes[name]
+        fn = site["fn"]
+        if not _is_real(fn.support):
+            continue
+        value = site["value"].detach()
+        try:
+            mean, std = fn.mean.detach(), fn.stddev.detach()
+        except (NotImplementedError, AttributeError):
+            continue
+        mean, std = mean.expand(value.shape), std.expand(value.shape)
+        if value.dim() < 2:
+            values[name] = torch.where(torch.isfinite(mean), mean, torch.zeros_like(mean))
+            continue
+        glorot = math.sqrt(2.0 / (value.shape[-1] + value.shape[-2]))
+        shrink = torch.clamp(glorot / std, max=1.0)
+        values[name] = mean + shrink * (value - mean)
+    return values
+
+
+def build_guide(model: Callable[..., Any], guide: Any, sites: Mapping[str, StructuralSite],
+                args: tuple, kwargs: Mapping[str, Any], temperature: float | None, *,
+                init_values: Mapping[str, torch.Tensor] | None = None,
+                init_scales: Mapping[str, torch.Tensor] | None = None) -> Callable[..., Any]:
+    """The guide a fit uses: ``guide`` as given, or :func:`default_guide` built for ``model``.
+
+    ``guide`` may be ``None`` (the default guide), an AutoGuide class (for the
+    weights) or any callable (used as is). The weight means start at
+    ``init_values`` (by site; a warm start, with the default weight guide's
+    scales at ``init_scales``), else at the model's own
+    ``initial_values()`` (a :class:`~pyro_structsel.NetworkModel`: the
+    network's initialisation), else at a draw from the prior (see
+    :func:`prior_draw_values`).
     """
     if guide is not None and not (isinstance(guide, type) and issubclass(guide, AutoGuide)):
         if not callable(guide):
@@ -263,7 +344,12 @@ def build_guide(model: Callable[..., Any], guide: Any, sites: Mapping[str, Struc
                              f"got {guide!r}.")
         return guide
     trace = trace_model(model, args, kwargs)
-    has_weights = any(name not in sites for name in trace.stochastic_nodes)
-    init_values = model.initial_values() if hasattr(model, "initial_values") else None
-    return default_guide(model, sites, weight_guide=guide, has_weights=has_weights,
-                         init_values=init_values, temperature=temperature)
+    weights = [name for name in trace.stochastic_nodes if name not in sites]
+    start = dict(model.initial_values() if hasattr(model, "initial_values") else
+                 prior_draw_values(trace, weights))
+    start.update(init_values or {})
+    # copies: the guide's parameters may share memory with the values they start from, and
+    # the optimiser updates them in place
+    start = {name: value.detach().clone() for name, value in start.items()}
+    return default_guide(model, sites, weight_guide=guide, has_weights=bool(weights),
+                         init_values=start, temperature=temperature, init_scales=init_scales)

@@ -1,8 +1,12 @@
-r"""``select_structure``: fit :math:`q(w, \Gamma)` by SVI and read off the structure.
+r"""``select_structure``: fit :math:`q(w, \Gamma)` by SVI, check its leading vertices by evidence.
 
-The chosen structure is the vertex of the simplex with the highest posterior
-probability at each structural site, :math:`\arg\max_k q(\arg\max_j \gamma_j = k)`;
-the result carries the evidence estimates, the complexities and the loss trace.
+The relaxed fit proposes, at each structural site, the vertex of the simplex
+with the highest posterior probability,
+:math:`\arg\max_k q(\arg\max_j \gamma_j = k)`. With more than one site
+(or when asked), the discrete check then scores the leading vertices of
+:math:`q(\Gamma)` as discrete structures by their evidence and chooses the
+best (see :mod:`~pyro_structsel.selection.discrete_check`). The result carries
+both, the evidence estimates, the complexities and the loss trace.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from ..evidence.complexity import (
 from ..evidence.estimate import Estimate
 from ..evidence.methods import EvidenceMethod, check_estimator_names, estimate_evidence
 from ..infer.checkpoint import check_checkpoint_path
+from ..infer.convergence import ConvergenceWarning, elbo_convergence
 from ..infer.distributed import shared_seed
 from ..infer.guides import build_guide
 from ..infer.optim import FlatAdam, as_pyro_optimizer
@@ -38,6 +43,7 @@ from ..util.minibatch import check_full_data, full_data, scoring_kwargs
 from ..util.options import Resume, parse_option
 from ..util.ranks import resolve_distributed, use_distributed
 from ..util.sampling import draw_guide, max_plate_nesting, trace_model
+from ..util.stacklevel import find_stack_level
 from ..util.validation import (
     check_callable,
     check_flag,
@@ -47,6 +53,7 @@ from ..util.validation import (
     check_seed,
     own_parameters,
 )
+from .discrete_check import OverconfidenceWarning, run_discrete_check
 from .result import SelectionResult
 
 
@@ -104,14 +111,30 @@ def select_structure(
     fast: bool | None = None,
     compile: bool | None = None,
     distributed: bool | None = None,
+    discrete_check: bool | None = None,
+    check_method: str = "elbo",
+    check_steps: int | None = None,
+    check_coverage: float = 0.9,
+    check_max_fits: int = 20,
     **kwargs: Any,
 ) -> SelectionResult:
-    r"""Select the structure of a Pyro model by stochastic variational inference.
+    r"""Select the structure of a Pyro model: a relaxed SVI fit, checked by discrete evidence.
 
     Fits :math:`q(w, \Gamma)` to ``model(*args, **kwargs)`` by maximising the
-    ELBO, chooses at each structural site the option most probably the
-    largest weight under :math:`q`, and scores the fit: evidence estimates,
-    parametric and structural complexity, description length.
+    ELBO (the *relaxed* fit: Γ on the simplex), and reads off at each
+    structural site the option most probably the largest weight under
+    :math:`q`. Then, by default when the model has more than one structural
+    site, the *discrete check* scores the leading vertices of
+    :math:`q(\Gamma)` and their one-site neighbours as discrete structures
+    by their evidence (each fitted from the relaxed fit's weights, as
+    :func:`~pyro_structsel.compare_structures` does) and chooses the
+    structure of highest evidence: the relaxed posterior finds candidates, the
+    evidence decides (relaxed selection collapses towards linear or
+    parameter-free operations and a mean-field :math:`q` over shared weights
+    is overconfident; see :mod:`~pyro_structsel.selection.discrete_check`).
+    The fit is scored too: evidence estimates, parametric and structural
+    complexity, description length. A :class:`ConvergenceWarning` says when
+    the relaxed fit's ELBO has not levelled off.
 
     Parameters
     ----------
@@ -139,7 +162,8 @@ def select_structure(
         Vectorise the particles (``None``: when the model allows it).
     num_restarts : int
         Independent fits from different initialisations; the one with the
-        best final ELBO is kept (guards against a local optimum).
+        best final ELBO (estimated from ``num_evidence_samples`` draws of its
+        :math:`q`) is kept (guards against a local optimum).
     temperature : float or (float, float), optional
         Temperature of Concrete guides, fixed or annealed geometrically from
         the first value to the second over the steps.
@@ -191,10 +215,48 @@ def select_structure(
         data with the same random draws, so every rank returns the same
         result. Only rank 0 shows progress and writes the checkpoint;
         ``callback`` runs on every rank (with the loss averaged over them).
+    discrete_check : bool, optional
+        Score the leading vertices of :math:`q(\Gamma)` as discrete
+        structures and choose by their evidence (``None``: when the model has
+        more than one structural site). Then ``result.structure`` and
+        ``result.probabilities`` are the discrete evidence's, the relaxed
+        ones are ``result.relaxed_structure`` and
+        ``result.relaxed_probabilities``, and ``result.discrete_check`` holds
+        the table of the structures scored and the cost (fits, seconds).
+        An :class:`~pyro_structsel.selection.discrete_check.OverconfidenceWarning`
+        says when :math:`q(\Gamma)` put ≥ 0.99 on an option the evidence
+        does not choose.
+    check_method : str
+        Evidence estimator of the discrete check (``"elbo"``, ``"iwae"``,
+        ``"laplace"``, ``"gradient_descent"``).
+    check_steps : int, optional
+        SVI steps of each discrete fit (default ``num_steps``). Each fit
+        starts from the relaxed fit's :math:`q(w)` (means, and scales with the
+        default guide) and runs Adam from ``lr`` decayed tenfold over its
+        steps (a copy of ``optim`` where one is given).
+    check_coverage : float
+        The leading vertices scored cover this much of :math:`q(\Gamma)`'s
+        mass (in (0, 1]).
+    check_max_fits : int
+        At most this many structures are scored.
 
     Returns
     -------
     SelectionResult
+
+    Raises
+    ------
+    ValueError
+        On a bad argument, naming it.
+
+    Warns
+    -----
+    ConvergenceWarning
+        The relaxed fit's ELBO has not levelled off (see
+        :func:`~pyro_structsel.elbo_convergence`).
+    OverconfidenceWarning
+        :math:`q(\Gamma)` put ≥ 0.99 on an option the discrete evidence does not choose.
+
 
     Example
     -------
@@ -207,12 +269,21 @@ def select_structure(
     ----------
     O. Bakhteev, V. Strijov. Deep learning model selection of suboptimal
     complexity. Automation and Remote Control, 2018.
+    A. Zela, T. Elsken, T. Saikia, Y. Marrakchi, T. Brox, F. Hutter.
+    Understanding and robustifying differentiable architecture search. ICLR 2020.
     """
     for argument, value in (("num_steps", num_steps), ("num_particles", num_particles),
                             ("num_restarts", num_restarts),
                             ("num_evidence_samples", num_evidence_samples),
-                            ("checkpoint_every", checkpoint_every)):
+                            ("checkpoint_every", checkpoint_every),
+                            ("check_steps", num_steps if check_steps is None else check_steps),
+                            ("check_max_fits", check_max_fits)):
         check_int(value, argument)
+    check_flag(discrete_check, "discrete_check", allow_none=True)
+    if isinstance(check_coverage, bool) or not isinstance(check_coverage, (int, float)) or \
+            not 0 < check_coverage <= 1:
+        raise ValueError(f"Expected 0 < check_coverage <= 1, but got {check_coverage!r}.")
+    check_estimator = parse_option(EvidenceMethod, check_method, "check_method")
     check_positive(lr, "lr")
     check_seed(seed)
     check_callable(callback, "callback")
@@ -257,18 +328,78 @@ def select_structure(
                              callback=callback, fast=fast, compile=compile,
                              description=f"select_structure[{restart + 1}/{num_restarts}]"
                              if num_restarts > 1 else "select_structure")
-            tail = losses[-max(1, num_steps // 10):]
-            runs.append((sum(tail) / len(tail), state, fitted_guide, losses))
-        best = min(range(num_restarts), key=lambda i: runs[i][0])
-        _, state, fitted_guide, losses = runs[best]
-        result = SelectionResult(model=model, guide=fitted_guide, args=args, kwargs=dict(kwargs),
-                                 param_state=state, sites=sites, losses=losses,
-                                 restart_losses=[r[0] for r in runs])
+            runs.append((state, fitted_guide, losses))
         if sharded:  # the same q on every rank: score it with the same draws everywhere
             pyro.set_rng_seed(shared_seed())
         with use_distributed(False):  # on the full data
+            # restarts are compared by the final ELBO of their q, estimated afresh
+            final = [_final_loss(model, guide_, state_, args, kwargs, num_evidence_samples)
+                     for state_, guide_, _ in runs] if num_restarts > 1 else \
+                [sum(runs[0][2][-10:]) / len(runs[0][2][-10:])]
+            best = min(range(num_restarts), key=lambda i: final[i])
+            state, fitted_guide, losses = runs[best]
+            elbo_convergence(losses)  # warns when the kept fit has not levelled off
+            result = SelectionResult(model=model, guide=fitted_guide, args=args,
+                                     kwargs=dict(kwargs), param_state=state, sites=sites,
+                                     losses=losses, restart_losses=final)
             _score(result, estimators, num_evidence_samples)
+            if discrete_check is None:
+                discrete_check = len(sites) > 1
+            if discrete_check and sites:
+                _check(result, model_params, check_estimator, guide=guide, lr=lr,
+                       optim=optim, num_steps=check_steps or num_steps,
+                       num_particles=num_particles, num_samples=num_evidence_samples,
+                       seed=seed if seed is not None else (shared_seed() if sharded else None),
+                       coverage=float(check_coverage), max_fits=check_max_fits,
+                       progress=progress)
     return result
+
+
+def _final_loss(model: Callable[..., Any], guide: Any, state: dict[str, Any], args: tuple,
+                kwargs: dict[str, Any], num_samples: int) -> float:
+    """−ELBO of a fitted q from ``num_samples`` fresh draws (on the full data)."""
+    with module_params_kept(model), pyro.get_param_store().scope(state), full_data():
+        return -elbo(model, guide, *args, num_particles=num_samples,
+                     **scoring_kwargs(kwargs)).value
+
+
+def _check(result: SelectionResult, model_params: dict[str, Any], method: EvidenceMethod, *,
+           guide: Any, lr: float, optim: pyro.optim.PyroOptim | None, num_steps: int,
+           num_particles: int, num_samples: int, seed: int | None, coverage: float,
+           max_fits: int, progress: bool) -> None:
+    """Run the discrete check on the relaxed fit; its pick and probabilities become the result's."""
+    weight_guide = guide if isinstance(guide, type) else None  # a user's guide fits Γ too
+    # a warm start: each structure's q(w) starts at the relaxed fit's (means and, for the
+    # default guide, scales); a user's own guide fits Γ too, so the default one is used
+    warm = result.weight_means() if guide is None or isinstance(guide, type) else None
+    scales = result.weight_scales() if guide is None else None
+
+    def make_optim() -> pyro.optim.PyroOptim:  # a fresh optimiser (no state) per fit
+        if optim is None:  # from the warm start, Adam's step decays tenfold over the fit
+            return pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.1 ** (1.0 / num_steps),
+                                           "clip_norm": 1e3})
+        given = as_pyro_optimizer(optim, lr=lr)
+        if isinstance(given, FlatAdam):
+            return FlatAdam(given.pt_optim_args)
+        return pyro.optim.PyroOptim(given.pt_optim_constructor, given.pt_optim_args,
+                                    given.pt_clip_args)
+
+    check = run_discrete_check(
+        result.model, result.args, result.kwargs, sites=result.sites,
+        relaxed_probabilities=result.relaxed_probabilities, model_params=model_params,
+        method=method, guide=weight_guide, num_steps=num_steps, optim=make_optim,
+        num_particles=num_particles, num_samples=num_samples, seed=seed, coverage=coverage,
+        max_fits=max_fits, init_values=warm, init_scales=scales, progress=progress)
+    result.discrete_check = check
+    result.structure.update(check.structure)
+    result.probabilities.update(check.probabilities)
+    if check.overconfident_sites():
+        warnings.warn(check.message(), OverconfidenceWarning, stacklevel=find_stack_level())
+    unsettled = check.unconverged() if method is not EvidenceMethod.LAPLACE else []
+    if unsettled:
+        warnings.warn(f"The discrete check's fits of {unsettled} have not converged in "
+                      f"{num_steps} steps, so their order by evidence is not settled; raise "
+                      "check_steps.", ConvergenceWarning, stacklevel=find_stack_level())
 
 
 def _score(result: SelectionResult, estimators: list[EvidenceMethod], num_samples: int
@@ -293,6 +424,8 @@ def _score(result: SelectionResult, estimators: list[EvidenceMethod], num_sample
             result.posterior_mean[name] = site.to_simplex(gammas[name]).reshape(
                 -1, site.num_options).mean(0)
             result.structure[name] = site.label(int(result.probabilities[name].argmax()))
+        result.relaxed_structure = dict(result.structure)
+        result.relaxed_probabilities = dict(result.probabilities)
         for method in estimators:
             result.evidence[method.value] = estimate_evidence(
                 method, model, guide, *args, num_samples=num_samples, **kwargs)
