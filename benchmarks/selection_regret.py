@@ -15,7 +15,9 @@ and the cost of the check.
 Families (``--families``):
 
 * ``digits16``: digits, 600 train / 1000 test rows, widths 16, full batch;
-* ``digits32``: the same data, widths 32, ``pyro.plate(..., subsample_size=128)``;
+* ``digits32``: the same data, widths 32, minibatches of 128 rows
+  (``ps.data_plate(..., subsample_size=128)``: a ``pyro.plate`` that the
+  library's scoring can read in full);
 * ``cancer16``, ``cancer32``: breast cancer (30 features, Bernoulli), 300 train
   rows, the rest for testing; the same two sizes.
 
@@ -89,7 +91,7 @@ def user_classifier(width: int, num_features: int, num_classes: int, *,
         w2, b2 = weights("2", width)
         w3 = pyro.sample("w3", dist.Normal(0.0, 1.0).expand([width, out_dim]).to_event(2))
         b3 = pyro.sample("b3", dist.Normal(0.0, 1.0).expand([out_dim]).to_event(1))
-        with pyro.plate("data", x.shape[0], subsample_size=subsample_size) as idx:
+        with ps.data_plate("data", x.shape[0], subsample_size=subsample_size) as idx:
             h = layer(x[idx], w1, b1, g1)
             h = layer(h, w2, b2, g2)
             f = h @ w3 + b3.unsqueeze(-2)

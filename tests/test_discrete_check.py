@@ -273,7 +273,7 @@ def test_user_weights_start_at_shrunk_prior_draws_not_at_zero():
 def test_warm_started_fits_start_from_the_values_given_and_leave_them_alone():
     from pyro_structsel.evidence.comparison import score_structure
     from pyro_structsel.evidence.methods import EvidenceMethod
-    from pyro_structsel.infer.fastpath import FlatAdam
+    from pyro_structsel.infer.optim import FlatAdam
     from pyro_structsel.infer.scope import model_sites_and_params
 
     x, y = _blr_data(n=20)
