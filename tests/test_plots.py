@@ -48,7 +48,9 @@ def fit():
 
 @pytest.fixture(scope="module")
 def idata(fit):
-    return to_inference_data(fit, num_samples=300, seed=0)
+    # the plots do not judge q: this 300-step fit's k-hat is near the 0.7 line (0.22-0.70 over
+    # seeds 0-5 and random streams), and test_arviz tests the k-hat warning itself
+    return to_inference_data(fit, num_samples=300, seed=0, warn=False)
 
 
 @pytest.fixture(autouse=True)
