@@ -90,6 +90,10 @@ def main() -> None:
                         help="two-layer: no discrete check (the relaxed pick alone)")
     parser.add_argument("--check-steps", type=int, default=None,
                         help="SVI steps of each structure's fit in the discrete check")
+    parser.add_argument("--check-method", default=None,
+                        help="evidence estimator of the discrete check (default: select_structure's)")
+    parser.add_argument("--evidence-samples", type=int, default=20,
+                        help="num_evidence_samples (the relaxed fit's scoring and the check's)")
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=400)
@@ -140,6 +144,9 @@ def main() -> None:
     options = {}
     if args.two_layer:
         options = {"discrete_check": not args.no_check, "check_steps": args.check_steps}
+        if args.check_method:
+            options["check_method"] = args.check_method
+    options["num_evidence_samples"] = args.evidence_samples
     recovered, relaxed_recovered, start = 0, 0, time.time()
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     for seed in seeds:

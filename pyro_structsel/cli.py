@@ -334,9 +334,10 @@ def format_report(run: Run) -> str:
             lines.append(row)
         lines.append("")
     if check is not None:
-        lines += [f"Discrete check: {check.num_fits} structures fitted for "
-                      f"{check.num_steps} steps each and scored by {check.method} "
-                      f"({check.seconds:.1f} s)"]
+        how = "at their MAP (no SVI fit)" if check.method == "laplace" else \
+            f"fitted for {check.num_steps} steps each"
+        lines += [f"Discrete check: {check.num_fits} structures scored by {check.method} "
+                  f"{how} ({check.seconds:.1f} s)"]
         label_width = max(len(str(label)) for label in check.table.index) + 2
         lines.append(f"{'structure':<{label_width}}{'log evidence':>14}{'± se':>8}"
                      f"{'probability':>13}{'q(vertex)':>11}  fit")

@@ -155,6 +155,36 @@ def test_check_is_on_for_several_sites_and_off_for_one_or_when_asked():
     assert on.discrete_check.num_steps == 5
 
 
+def test_a_network_is_checked_by_its_ggn_laplace_evidence_and_a_user_model_by_elbo():
+    """NetworkModel: GGN Laplace at each pruned network's MAP (full GGN while small), no SVI
+    fit; a user model: warm-started ELBO fits. Each estimate is the one its method gives."""
+    x = torch.randn(40, 2, generator=torch.Generator().manual_seed(1))
+    y = torch.tanh(x @ torch.tensor([1.5, -1.0]))
+    model = ps.NetworkModel(ps.two_hidden_layer(2, 1, hidden=(3, 3),
+                                                activations=("tanh", "identity")),
+                            likelihood="normal", noise_scale=0.3)
+    result = ps.select_structure(model, x, y, num_steps=20, progress=False,
+                                 num_evidence_samples=5, seed=0, check_max_fits=3)
+    check = result.discrete_check
+    assert check.method == "laplace" and check.num_fits == 3
+    assert check_estimates_equal(check, lambda s: ps.ggn_laplace(
+        model, x, y, structure=s, hessian_structure="full").value)
+    kron = ps.select_structure(model, x, y, num_steps=20, progress=False,
+                               num_evidence_samples=5, seed=0, check_max_fits=3,
+                               check_hessian="kron").discrete_check
+    assert check_estimates_equal(kron, lambda s: ps.ggn_laplace(
+        model, x, y, structure=s, hessian_structure="kron").value)
+    xb, yb = _blr_data(n=20)
+    user = ps.select_structure(_blr_model, xb, yb, num_steps=10, progress=False,
+                               num_evidence_samples=5, seed=0, check_steps=5, check_max_fits=2)
+    assert user.discrete_check.method == "elbo"
+
+
+def check_estimates_equal(check, evidence) -> bool:
+    return all(abs(float(row["log_evidence"]) - evidence(row["structure"])) < 1e-3
+               for _, row in check.table.iterrows())
+
+
 def _check(relaxed, chosen, q):
     import pandas as pd
 
@@ -230,6 +260,7 @@ def test_restarts_are_compared_by_their_final_elbo():
     ({"check_steps": 0}, "check_steps"),
     ({"check_max_fits": 0}, "check_max_fits"),
     ({"discrete_check": "yes"}, "discrete_check"),
+    ({"check_hessian": "block"}, r"check_hessian 'block'.*'kron'"),
 ])
 def test_bad_check_arguments(kwargs, match):
     x, y = _blr_data(n=10)

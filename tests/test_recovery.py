@@ -78,7 +78,8 @@ def recover(prior: str, seed: int, label: str | tuple[str, str], *,
         with pyro.validation_enabled(False):  # speed only: the inputs are known to be valid
             result = ps.select_structure(model, x, y, num_steps=num_steps, lr=lr, seed=seed,
                                          num_restarts=num_restarts, temperature=temperature,
-                                         progress=False, num_evidence_samples=20, **options)
+                                         progress=False,
+                                         **{"num_evidence_samples": 20, **options})
     finally:
         torch.set_num_threads(threads)
     return result

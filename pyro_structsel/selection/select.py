@@ -29,6 +29,7 @@ from ..evidence.complexity import (
     structural_complexity,
 )
 from ..evidence.estimate import Estimate
+from ..evidence.ggn import HessianStructure
 from ..evidence.methods import EvidenceMethod, check_estimator_names, estimate_evidence
 from ..infer.checkpoint import check_checkpoint_path
 from ..infer.convergence import ConvergenceWarning, elbo_convergence
@@ -112,7 +113,8 @@ def select_structure(
     compile: bool | None = None,
     distributed: bool | None = None,
     discrete_check: bool | None = None,
-    check_method: str = "elbo",
+    check_method: str | None = None,
+    check_hessian: str | None = None,
     check_steps: int | None = None,
     check_coverage: float = 0.9,
     check_max_fits: int = 20,
@@ -226,9 +228,19 @@ def select_structure(
         An :class:`~pyro_structsel.selection.discrete_check.OverconfidenceWarning`
         says when :math:`q(\Gamma)` put ≥ 0.99 on an option the evidence
         does not choose.
-    check_method : str
+    check_method : str, optional
         Evidence estimator of the discrete check (``"elbo"``, ``"iwae"``,
-        ``"laplace"``, ``"gradient_descent"``).
+        ``"laplace"``, ``"gradient_descent"``). ``None``: ``"laplace"`` for a
+        :class:`~pyro_structsel.NetworkModel` (the GGN Laplace evidence of
+        each pruned network at its MAP, :func:`~pyro_structsel.ggn_laplace`:
+        no SVI fit, seconds per structure; it recovers two-layer teachers
+        that warm-started ELBO fits miss, see ``benchmarks/README.md``),
+        ``"elbo"`` for other models.
+    check_hessian : str, optional
+        The GGN approximation of a network's Laplace check (``"full"``,
+        ``"kron"``, ``"diag"``). ``None``: ``"full"`` (the exact GGN, a
+        :math:`d \times d` matrix) for supernets of at most 2000 weights,
+        ``"kron"`` for larger ones.
     check_steps : int, optional
         SVI steps of each discrete fit (default ``num_steps``). Each fit
         starts from the relaxed fit's :math:`q(w)` (means, and scales with the
@@ -283,7 +295,10 @@ def select_structure(
     if isinstance(check_coverage, bool) or not isinstance(check_coverage, (int, float)) or \
             not 0 < check_coverage <= 1:
         raise ValueError(f"Expected 0 < check_coverage <= 1, but got {check_coverage!r}.")
-    check_estimator = parse_option(EvidenceMethod, check_method, "check_method")
+    check_estimator = None if check_method is None else \
+        parse_option(EvidenceMethod, check_method, "check_method")
+    check_curvature = None if check_hessian is None else \
+        parse_option(HessianStructure, check_hessian, "check_hessian").value
     check_positive(lr, "lr")
     check_seed(seed)
     check_callable(callback, "callback")
@@ -346,12 +361,15 @@ def select_structure(
             if discrete_check is None:
                 discrete_check = len(sites) > 1
             if discrete_check and sites:
+                if check_estimator is None:
+                    check_estimator = EvidenceMethod.LAPLACE if \
+                        isinstance(model, NetworkModel) else EvidenceMethod.ELBO
                 _check(result, model_params, check_estimator, guide=guide, lr=lr,
                        optim=optim, num_steps=check_steps or num_steps,
                        num_particles=num_particles, num_samples=num_evidence_samples,
                        seed=seed if seed is not None else (shared_seed() if sharded else None),
                        coverage=float(check_coverage), max_fits=check_max_fits,
-                       progress=progress)
+                       hessian_structure=check_curvature, progress=progress)
     return result
 
 
@@ -366,7 +384,7 @@ def _final_loss(model: Callable[..., Any], guide: Any, state: dict[str, Any], ar
 def _check(result: SelectionResult, model_params: dict[str, Any], method: EvidenceMethod, *,
            guide: Any, lr: float, optim: pyro.optim.PyroOptim | None, num_steps: int,
            num_particles: int, num_samples: int, seed: int | None, coverage: float,
-           max_fits: int, progress: bool) -> None:
+           max_fits: int, hessian_structure: str | None, progress: bool) -> None:
     """Run the discrete check on the relaxed fit; its pick and probabilities become the result's."""
     weight_guide = guide if isinstance(guide, type) else None  # a user's guide fits Γ too
     # a warm start: each structure's q(w) starts at the relaxed fit's (means and, for the
@@ -389,14 +407,21 @@ def _check(result: SelectionResult, model_params: dict[str, Any], method: Eviden
         relaxed_probabilities=result.relaxed_probabilities, model_params=model_params,
         method=method, guide=weight_guide, num_steps=num_steps, optim=make_optim,
         num_particles=num_particles, num_samples=num_samples, seed=seed, coverage=coverage,
-        max_fits=max_fits, init_values=warm, init_scales=scales, progress=progress)
+        max_fits=max_fits, init_values=warm, init_scales=scales,
+        hessian_structure=hessian_structure, progress=progress)
     result.discrete_check = check
     result.structure.update(check.structure)
     result.probabilities.update(check.probabilities)
     if check.overconfident_sites():
         warnings.warn(check.message(), OverconfidenceWarning, stacklevel=find_stack_level())
-    unsettled = check.unconverged() if method is not EvidenceMethod.LAPLACE else []
-    if unsettled:
+    unsettled = check.unconverged()
+    if unsettled and method is EvidenceMethod.LAPLACE:
+        warnings.warn(f"The discrete check's search for the mode of {unsettled} stopped short "
+                      "of it (see ps.ggn_laplace's LaplaceWarning), so their order by evidence "
+                      "is not settled; score them with ps.ggn_laplace and a larger max_iter "
+                      "or adam_steps, or use check_method='elbo'.",
+                      ConvergenceWarning, stacklevel=find_stack_level())
+    elif unsettled:
         warnings.warn(f"The discrete check's fits of {unsettled} have not converged in "
                       f"{num_steps} steps, so their order by evidence is not settled; raise "
                       "check_steps.", ConvergenceWarning, stacklevel=find_stack_level())
