@@ -4,8 +4,8 @@ Each family is a two-hidden-layer classifier written as a user writes Pyro
 (``pyro.sample`` weights with N(0, 1) priors, ``x @ W`` inside, one
 ``ps.structure`` site per layer over relu, tanh, identity). The truth of a
 structure is the held-out log-likelihood per test point of networks of that
-structure trained independently (MAP, several seeds; the harness of
-``structure_truth.py``). For each family and seed, ``select_structure`` runs
+structure trained independently (MAP under the same prior from 0.1 x a
+seeded prior draw: 300 Adam steps, then L-BFGS; several seeds). For each family and seed, ``select_structure`` runs
 with its defaults (plus ``--steps``); the JSON gives the relaxed pick (the
 argmax of q(Γ)) and the final pick (after the discrete check) side by side,
 each with its regret (truth of the best structure minus truth of the pick,
@@ -48,9 +48,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
+from pyro import poutine  # noqa: E402
+from pyro.poutine.util import site_is_subsample  # noqa: E402
 
 import pyro_structsel as ps  # noqa: E402
-import structure_truth as truth_harness  # noqa: E402
 
 LABELS = ("relu", "tanh", "identity")
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -109,8 +110,85 @@ def load(name: str) -> tuple[torch.Tensor, ...]:
     if name == "digits":
         data = ps.load_digits(subsample=1600, test_size=1000 / 1600, seed=0)
         return data.x_train, data.y_train, data.x_test, data.y_test
-    family = truth_harness.breast_cancer_family(seed=0)
-    return family.x_train, family.y_train, family.x_test, family.y_test
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    bunch = load_breast_cancer()  # 569 rows: 300 to train (stratified), the rest to test
+    x_tr, x_te, y_tr, y_te = train_test_split(bunch.data, bunch.target, train_size=300,
+                                              stratify=bunch.target, random_state=0)
+    scaler = StandardScaler().fit(x_tr)
+    as_x = lambda a: torch.as_tensor(scaler.transform(a), dtype=torch.float32)  # noqa: E731
+    as_y = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+    return as_x(x_tr), as_y(y_tr), as_x(x_te), as_y(y_te)
+
+
+# ----------------------------------------------------------------------------- truth
+
+
+def log_joint(model: Callable[..., Any], values: dict[str, torch.Tensor], x: torch.Tensor,
+              y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log likelihood, log prior) of the latent ``values``."""
+    trace = poutine.trace(poutine.condition(model, data=dict(values))).get_trace(x, y)
+    lik, prior = torch.zeros(()), torch.zeros(())
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        lp = site["fn"].log_prob(site["value"]).sum()
+        if name in values:
+            prior = prior + lp
+        elif site["is_observed"]:
+            lik = lik + lp
+    return lik, prior
+
+
+def map_fit(model: Callable[..., Any], x: torch.Tensor, y: torch.Tensor, seed: int, *,
+            adam_steps: int = 300, lbfgs_iter: int = 500, lr: float = 0.01,
+            init_scale: float = 0.1) -> dict[str, torch.Tensor]:
+    """MAP weights of a fixed-structure model from ``init_scale`` x a seeded prior draw."""
+    pyro.set_rng_seed(seed)
+    with torch.no_grad():
+        trace = poutine.trace(model).get_trace(x, y)
+    params = {n: (init_scale * s["value"]).clone().requires_grad_()
+              for n, s in trace.nodes.items()
+              if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)}
+
+    def loss() -> torch.Tensor:
+        lik, prior = log_joint(model, params, x, y)
+        return -(lik + prior)
+
+    adam = torch.optim.Adam(list(params.values()), lr=lr)
+    for _ in range(adam_steps):
+        adam.zero_grad()
+        loss().backward()
+        adam.step()
+    lbfgs = torch.optim.LBFGS(list(params.values()), max_iter=lbfgs_iter, history_size=50,
+                              tolerance_grad=1e-6, tolerance_change=0.0,
+                              line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        lbfgs.zero_grad()
+        value = loss()
+        value.backward()
+        return value
+
+    lbfgs.step(closure)
+    return {n: p.detach().clone() for n, p in params.items()}
+
+
+def truth(model: Callable[..., Any], data: tuple[torch.Tensor, ...], seeds: range
+          ) -> dict[str, list[float]]:
+    """Held-out log-likelihood per test point, per structure label, one value per seed."""
+    x, y, x_test, y_test = data
+    out: dict[str, list[float]] = {}
+    for structure in structures():
+        fixed = ps.fix_structure(model, structure)
+        out[ps.structure_label(structure)] = values = []
+        for seed in seeds:
+            weights = map_fit(fixed, x, y, seed)
+            with torch.no_grad():
+                values.append(float(log_joint(fixed, weights, x_test, y_test)[0]) / len(y_test))
+    return out
 
 
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -134,11 +212,10 @@ def family_truth(name: str, seeds: int, cache_dir: str | None) -> dict[str, list
         if len(next(iter(cached.values()))) >= seeds:
             return {k: v[:seeds] for k, v in cached.items()}
     spec = FAMILIES[name]
-    x, y, xt, yt = load(spec["data"])
-    classes = int(y.max()) + 1 if spec["data"] == "digits" else 2
-    model = user_classifier(spec["width"], x.shape[1], classes)  # full batch: MAP on all rows
-    family = truth_harness.Family(name, model, x, y, xt, yt, structures())
-    per_seed = truth_harness.truth(family, range(seeds))
+    data = load(spec["data"])
+    classes = int(data[1].max()) + 1 if spec["data"] == "digits" else 2
+    model = user_classifier(spec["width"], data[0].shape[1], classes)  # MAP on all rows
+    per_seed = truth(model, data, range(seeds))
     if path:
         os.makedirs(cache_dir, exist_ok=True)
         with open(path, "w", encoding="utf-8") as handle:
