@@ -47,9 +47,11 @@ def exact(x, y, basis, offset):
 
 def test_table_ranks_all_vertices_with_exact_laplace(data):
     x, y = data
-    table = ps.compare_structures(two_site_model, x, y, progress=False)
+    table = ps.compare_structures(two_site_model, x, y, progress=False, num_steps=200)
     assert list(table.columns) == ["log_evidence", "se", "log_bayes_factor", "probability",
+                                   "khat", "ess", "converged", "flagged", "hyperparameters",
                                    "structure", "note"]
+    assert not table["flagged"].any() and table["converged"].all()
     assert len(table) == 4
     assert table.index[0] == "basis=sin, offset=1"
     assert table["log_evidence"].is_monotonic_decreasing
@@ -67,7 +69,7 @@ def test_table_ranks_all_vertices_with_exact_laplace(data):
 
 def test_given_structures_by_label_or_index(data):
     x, y = data
-    table = ps.compare_structures(two_site_model, x, y, progress=False,
+    table = ps.compare_structures(two_site_model, x, y, progress=False, num_steps=100,
                                   structures=[{"basis": "linear", "offset": 1},
                                               {"basis": 1, "offset": 0}])
     assert sorted(table.index) == ["basis=linear, offset=1", "basis=sin, offset=0"]
@@ -115,12 +117,13 @@ def test_network_models_use_gauss_newton_laplace():
         assert estimate.diagnostics["hessian_structure"] == "diag"
 
 
-def test_hessian_structure_is_for_networks_only(data):
+def test_hessian_structure_is_checked(data):
     x, y = data
-    with pytest.raises(ValueError, match="hessian_structure applies to a ps.NetworkModel"):
-        ps.compare_structures(two_site_model, x, y, hessian_structure="kron", progress=False)
+    with pytest.raises(ValueError, match="hessian_structure .*'full', 'diag', 'kron'"):
+        ps.compare_structures(two_site_model, x, y, hessian_structure="lowrank", progress=False)
 
 
+@pytest.mark.filterwarnings("ignore::pyro_structsel.evidence.comparison.FlaggedEstimateWarning")
 def test_leaves_the_global_param_store_alone():
     import pyro
 
@@ -136,3 +139,67 @@ def test_leaves_the_global_param_store_alone():
     ps.cross_validation(model, x, y, folds=2, num_steps=5, num_samples=10)
     assert list(pyro.get_param_store().keys()) == ["user_param"]
     assert float(pyro.param("user_param").detach()) == 3.0
+
+
+def sine_model(x, y=None):
+    """Bishop's sine data, two bases, with the user's own prior precision and noise."""
+    alpha = pyro.param("alpha", torch.tensor(1.0), constraint=dist.constraints.positive)
+    sigma = pyro.param("sigma", torch.tensor(0.3), constraint=dist.constraints.positive)
+    basis = ps.structure("basis", ["poly", "fourier"])
+    poly = torch.stack([x**k for k in range(4)], -1)
+    fourier = torch.stack([torch.ones_like(x), torch.sin(3 * x), torch.cos(3 * x),
+                           torch.sin(6 * x)], -1)
+    w = pyro.sample("w", dist.Normal(0.0, alpha**-0.5).expand([4]).to_event(1))
+    features = basis[..., :1] * poly + basis[..., 1:] * fourier
+    with pyro.plate("data", len(x)):
+        pyro.sample("y", dist.Normal(features @ w, sigma), obs=y)
+
+
+def sine_features(x, basis):
+    if basis == "poly":
+        return torch.stack([x**k for k in range(4)], -1)
+    return torch.stack([torch.ones_like(x), torch.sin(3 * x), torch.cos(3 * x),
+                        torch.sin(6 * x)], -1)
+
+
+@pytest.mark.parametrize("rule", ["fit", "fixed"])
+def test_every_row_is_scored_at_the_hyperparameters_it_reports(data, rule):
+    # Laplace is exact here, so each row must equal the closed form at the alpha and sigma
+    # in its own 'hyperparameters' cell: the same model the fit (and every estimator) saw
+    x, y = data
+    table = ps.compare_structures(sine_model, x, y, hyperparameters=rule, num_steps=300,
+                                  lr=0.05, progress=False)
+    assert table.attrs["hyperparameter_rule"] == rule
+    for label, row in table.iterrows():
+        h = row["hyperparameters"]
+        if rule == "fixed":
+            assert h == pytest.approx({"alpha": 1.0, "sigma": 0.3})
+        else:
+            assert abs(h["alpha"] - 1.0) > 0.05  # learnt with q
+        exact = ps.blr_log_evidence(sine_features(x, row["structure"]["basis"]), y,
+                                    prior_precision=h["alpha"],
+                                    noise_precision=h["sigma"] ** -2).value
+        assert row["log_evidence"] == pytest.approx(exact, abs=1e-8), label
+
+
+def test_unreliable_rows_are_flagged_with_one_warning(data):
+    x, y = data
+    with pytest.warns(ps.FlaggedEstimateWarning, match="k-hat > 0.7: .*not converged: .*'basis=linear, offset=0'"):
+        table = ps.compare_structures(two_site_model, x, y, method="iwae", num_steps=3,
+                                      num_samples=200, proposal="guide", progress=False)
+    assert table["flagged"].all() and not table["converged"].any()
+    assert (table["khat"].notna() & table["ess"].between(1, 200)).all()
+    assert len(table.attrs["estimates"]) == 4
+
+
+def test_a_nan_evidence_gets_no_probability():
+    from pyro_structsel.evidence.comparison import _table
+
+    estimates = {"a": ps.Estimate(-3.0, 0.1, 10, "iwae", {"khat": 0.2, "ess": 8.0}),
+                 "b": ps.Estimate(float("nan"), float("nan"), 0, "laplace", {}),
+                 "c": ps.Estimate(-4.0, 0.0, 0, "laplace", {"converged": False})}
+    table = _table(estimates, {k: {"s": k} for k in estimates})
+    assert list(table.index) == ["a", "c", "b"]
+    assert math.isnan(table.loc["b", "probability"]) and table.loc["b", "flagged"]
+    assert table.loc["a", "probability"] + table.loc["c", "probability"] == pytest.approx(1.0)
+    assert table.loc["c", "flagged"] and not table.loc["a", "flagged"]

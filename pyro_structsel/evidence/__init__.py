@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from .bounds import elbo, iwae
-from .comparison import all_structures, compare_structures, inert_sites, structure_label
+from .comparison import (
+    FlaggedEstimateWarning,
+    all_structures,
+    compare_structures,
+    inert_sites,
+    structure_label,
+)
 from .complexity import (
     DescriptionLength,
     classical_complexity,
@@ -16,7 +22,7 @@ from .descent import StepSizeWarning, gradient_descent_evidence
 from .estimate import Estimate
 from .exact import BLRPosterior, blr_log_evidence, blr_model, blr_posterior, polynomial_features
 from .ggn import ggn_laplace
-from .hessian_laplace import LaplaceWarning, laplace
+from .laplace import LaplaceWarning, laplace
 from .methods import EvidenceMethod, estimate_evidence
 from .psis import ParetoKWarning, psis_khat
 
@@ -24,6 +30,7 @@ __all__ = [
     "BLRPosterior",
     "DescriptionLength",
     "Estimate",
+    "FlaggedEstimateWarning",
     "EvidenceMethod",
     "LaplaceWarning",
     "ParetoKWarning",

@@ -15,8 +15,10 @@ import itertools
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import pandas as pd
@@ -25,6 +27,7 @@ import pyro.optim
 import torch
 from pyro import poutine
 
+from ..infer.convergence import DiagnosticWarning, elbo_convergence
 from ..infer.distributed import map_over_ranks
 from ..infer.guides import build_guide
 from ..infer.optim import check_optimizer_factory, optimizer_factory
@@ -39,13 +42,13 @@ from ..util.sampling import trace_model
 from ..util.stacklevel import find_stack_level
 from ..util.minibatch import check_full_data, full_data, scoring_kwargs
 from ..util.validation import check_inputs, check_int, check_positive, check_seed, own_parameters
+from .bounds import Proposal
 from .crossval import CROSS_VALIDATION, cross_validation
+from .curvature import HessianStructure
 from .estimate import Estimate
 from .ggn import ggn_laplace
+from .laplace import MODE_TOLERANCE, LaplaceWarning
 from .methods import EvidenceMethod, estimate_evidence
-
-#: Estimators that score the fixed model without a fitted guide.
-_NEEDS_NO_GUIDE = {EvidenceMethod.LAPLACE}
 
 
 def structure_label(structure: Mapping[str, str | int]) -> str:
@@ -108,6 +111,21 @@ def _all_zero(outputs: list[torch.Tensor], inputs: list[torch.Tensor]) -> bool:
     return all(g is None or bool((g == 0).all()) for g in grads)
 
 
+class HyperparameterRule(str, Enum):
+    """How :func:`compare_structures` sets the model's own parameters (its hyperparameters)."""
+
+    FIT = "fit"
+    FIXED = "fixed"
+
+
+class FlaggedEstimateWarning(DiagnosticWarning):
+    """Some rows of a comparison table cannot be trusted (k-hat > 0.7, unconverged, NaN)."""
+
+
+#: Pareto k-hat above which an importance-sampling estimate is flagged.
+KHAT_FLAG = 0.7
+
+
 def compare_structures(
     model: Callable[..., Any],
     *args: Any,
@@ -119,15 +137,29 @@ def compare_structures(
     optim: Callable[[], pyro.optim.PyroOptim] | None = None,
     num_particles: int = 1,
     num_samples: int = 1000,
-    seed: int | None = None,
+    seed: int | None = 0,
     progress: bool = True,
     marginalize_inert: bool = True,
     folds: int = 5,
     hessian_structure: str | None = None,
+    hyperparameters: str = "fit",
+    proposal: str = "laplace",
     distributed: bool | None = None,
     **kwargs: Any,
 ) -> pd.DataFrame:
     r"""Rank discrete structures by log evidence :math:`\log p(D \mid s)`.
+
+    Every structure is scored the same way: its structural sites pinned, a
+    guide fitted by SVI (``num_steps`` steps of Adam from ``lr`` decayed
+    tenfold, seeded with ``seed``, the ELBO trace checked for convergence),
+    then the estimator run on the full data. The model's own ``pyro.param``
+    s (its hyperparameters :math:`h`: a prior precision, a noise scale) follow
+    one rule for every estimator, ``hyperparameters``: ``"fit"`` (default)
+    learns them with :math:`q` by SVI, each structure its own (variational
+    empirical Bayes), ``"fixed"`` keeps their initial values; the table's
+    ``hyperparameters`` column gives the values each row was scored at.
+    ``"laplace"`` searches the mode from the fitted posterior (the guide's
+    median).
 
     Parameters
     ----------
@@ -142,30 +174,41 @@ def compare_structures(
         ``"gradient_descent"``), or ``"cross_validation"``: the k-fold held-out
         log-likelihood, the classical competitor (``folds`` folds, refitted per fold).
     guide : AutoGuide class or callable, optional
-        Guide for the remaining latents, for estimators that fit :math:`q`
-        (default :class:`~pyro_structsel.AutoMeanFieldNormal`); a class is
-        built per structure.
+        Guide for the remaining latents (default
+        :class:`~pyro_structsel.AutoMeanFieldNormal`); a class is built per structure.
     num_steps, lr : int, float
-        SVI steps and Adam learning rate of each fit.
+        SVI steps and initial Adam learning rate of each fit (decayed to
+        ``lr / 10`` over the steps).
     optim : callable, optional
         Makes a fresh Pyro optimiser per fit (e.g. ``lambda: pyro.optim.ClippedAdam(
-        {"lr": 0.05, "lrd": 0.999})``); default Adam with ``lr``.
+        {"lr": 0.05, "lrd": 0.999})``); default the decayed Adam above.
     num_particles : int
         Particles per ELBO gradient in each fit.
     num_samples : int
         Draws per Monte Carlo estimate.
     seed : int, optional
-        Seed used for every structure's fit (same seed, comparable fits).
+        Seed of every structure's fit and estimate (same seed, comparable
+        fits); ``None`` leaves the random state alone.
     progress : bool
         Progress bar over the structures.
     marginalize_inert : bool
         Integrate out exactly the latents a structure leaves out (see
         :func:`inert_sites`) instead of fitting :math:`q` to them.
-    hessian_structure : {"kron", "diag", "full"}, optional
-        Curvature of ``"laplace"`` for a :class:`~pyro_structsel.NetworkModel`:
-        the generalised Gauss-Newton matrix, Kronecker-factored (default),
-        diagonal or full (:func:`~pyro_structsel.ggn_laplace`). Other models
-        use the full autograd Hessian (:func:`~pyro_structsel.laplace`).
+    hessian_structure : {"auto", "full", "diag", "kron"}, optional
+        Curvature of ``"laplace"``: the generalised Gauss-Newton matrix
+        (:func:`~pyro_structsel.laplace`; for a
+        :class:`~pyro_structsel.NetworkModel` its fast path
+        :func:`~pyro_structsel.ggn_laplace`). Default ``"auto"``: full for
+        models affine in their latents (exact for linear-Gaussian ones),
+        diagonal for networks (the curvature that ordered the structures of
+        the digits benchmark best; ``benchmarks/README.md``).
+    hyperparameters : {"fit", "fixed"}
+        The rule for the model's own parameters, above.
+    proposal : {"laplace", "guide"}
+        Importance proposal of ``"iwae"``: the Laplace Gaussian at the mode
+        (full GGN up to 5000 latents: it holds the posterior's correlations;
+        exact on linear-Gaussian models) or the fitted guide
+        (:func:`~pyro_structsel.iwae`).
     distributed : bool, optional
         Share the structures out over the ranks of a ``torchrun`` job: rank
         :math:`r` of :math:`R` scores structures :math:`r, r + R, \dots` on its
@@ -180,12 +223,18 @@ def compare_structures(
         Sorted best first, indexed by a label like ``"layer1=tanh, layer2=relu"``,
         with columns ``log_evidence``, ``se``, ``log_bayes_factor`` (vs the best,
         ≤ 0), ``probability`` (posterior under a uniform prior over the
-        structures compared; sums to 1), ``structure`` (the dict) and ``note``.
-        A structure whose log evidence is not finite (could not be computed)
-        has ``probability`` and ``log_bayes_factor`` NaN and a ``note`` saying
-        so; the others are normalised among themselves (with a warning), and
-        ``df.attrs["excluded"]`` lists them. ``df.attrs["estimates"]`` maps
-        labels to the :class:`Estimate` objects.
+        structures with a finite evidence, normalised among themselves; NaN for the
+        others), ``khat`` and ``ess`` (Pareto :math:`\hat k` and effective sample
+        size of the estimator's importance weights; NaN for deterministic
+        estimators), ``converged`` (the fit's ELBO levelled off and, for
+        ``"laplace"``, the mode was reached), ``flagged`` (:math:`\hat k > 0.7`,
+        not converged or not finite: do not trust the row; one
+        :class:`FlaggedEstimateWarning` names them), ``hyperparameters`` (the
+        model parameters the row was scored at), ``structure`` (the dict) and
+        ``note`` (why a row has no probability). ``df.attrs["estimates"]`` maps
+        labels to the :class:`Estimate` objects, ``df.attrs["excluded"]`` lists
+        the structures without a finite evidence, ``df.attrs["hyperparameter_rule"]``
+        is the rule.
 
     Example
     -------
@@ -195,6 +244,7 @@ def compare_structures(
     """
     method_enum = None if method == CROSS_VALIDATION else parse_option(
         EvidenceMethod, method, "method (or 'cross_validation')")
+    rule = parse_option(HyperparameterRule, hyperparameters, "hyperparameters")
     for argument, value in (("num_steps", num_steps), ("num_particles", num_particles),
                             ("num_samples", num_samples)):
         check_int(value, argument)
@@ -216,31 +266,59 @@ def compare_structures(
         raise ValueError("No structure to compare: structures=[] is empty; pass at least one "
                          "structure, or None for every vertex.")
     eval_kwargs = scoring_kwargs(kwargs)  # score on the full data, not on a minibatch
-    if method_enum is not None and method_enum is not EvidenceMethod.LAPLACE:
+    proposal = parse_option(Proposal, proposal, "proposal").value
+    # Laplace (and its proposal) run a subsampled plate block by block; draws from a guide
+    # cannot, so a model whose plain pyro.plate subsamples is refused for them
+    if method_enum is not None and method_enum is not EvidenceMethod.LAPLACE and not (
+            method_enum is EvidenceMethod.IWAE and proposal == Proposal.LAPLACE.value):
         with full_data(), pyro.get_param_store().scope():
             check_full_data(trace_model(model, args, eval_kwargs),
                             f"compare_structures(method={method!r})")
     network = isinstance(model, NetworkModel)
-    if hessian_structure is not None and not network:
-        raise ValueError("hessian_structure applies to a ps.NetworkModel only; other models "
-                         "use the full Hessian.")
-    curvature = (hessian_structure or "kron") if network and \
-        method_enum is EvidenceMethod.LAPLACE else None
+    if hessian_structure is not None and hessian_structure != "auto":
+        parse_option(HessianStructure, hessian_structure, "hessian_structure (or 'auto')")
+    curvature = None
+    if method_enum is EvidenceMethod.LAPLACE:
+        curvature = hessian_structure or "auto"
+        if network and curvature == "auto":
+            curvature = HessianStructure.DIAG.value
+
     def score(structure: Mapping[str, str | int]) -> Estimate:
         return score_structure(
             model, structure, args, kwargs, method_enum, guide=guide,
             model_params=model_params, num_steps=num_steps,
-            optim=optimizer_factory(optim, lr), lr=lr,
-            num_particles=num_particles,
-            num_samples=num_samples, seed=seed, folds=folds,
-            marginalize_inert=marginalize_inert, curvature=curvature).estimate
+            optim=optimizer_factory(optim, lr) if optim is not None
+            else _decayed_adam(lr, num_steps), lr=lr,
+            num_particles=num_particles, num_samples=num_samples, seed=seed, folds=folds,
+            marginalize_inert=marginalize_inert, curvature=curvature, rule=rule,
+            proposal=proposal, hessian_structure=hessian_structure).estimate
 
     with module_params_kept(model):  # the structures shared out over the ranks of a torchrun job
         scored = map_over_ranks(score, chosen, enabled=resolve_distributed(distributed),
                                 where="scoring its structures", desc="compare_structures",
                                 progress=progress, unit="structures")
     estimates = {structure_label(s): estimate for s, estimate in zip(chosen, scored)}
-    return evidence_table(estimates, {structure_label(s): s for s in chosen})
+    table = evidence_table(estimates, {structure_label(s): s for s in chosen})
+    table.attrs["hyperparameter_rule"] = rule.value
+    _warn_flagged(table)
+    return table
+
+
+def _decayed_adam(lr: float, num_steps: int) -> Callable[[], pyro.optim.PyroOptim]:
+    """Adam from ``lr`` decayed geometrically to ``lr / 10`` over ``num_steps`` steps."""
+    decay = 0.1 ** (1.0 / max(num_steps, 1))
+    return lambda: pyro.optim.ClippedAdam({"lr": lr, "lrd": decay, "clip_norm": 1e3})
+
+
+def _model_parameter_values(names: Sequence[str]) -> dict[str, Any]:
+    """Constrained values of the param-store parameters ``names`` (floats for scalars)."""
+    store = pyro.get_param_store()
+    out: dict[str, Any] = {}
+    for name in names:
+        if name in store:
+            value = store[name].detach()
+            out[name] = float(value) if value.numel() == 1 else value.clone()
+    return out
 
 
 @dataclass
@@ -282,23 +360,42 @@ def score_structure(model: Callable[..., Any], structure: Mapping[str, str | int
                     folds: int = 5, marginalize_inert: bool = True,
                     curvature: str | None = None,
                     init_values: Mapping[str, torch.Tensor] | None = None,
-                    init_scales: Mapping[str, torch.Tensor] | None = None) -> StructureFit:
+                    init_scales: Mapping[str, torch.Tensor] | None = None,
+                    rule: HyperparameterRule = HyperparameterRule.FIT,
+                    proposal: str = "laplace",
+                    hessian_structure: str | None = None) -> StructureFit:
     """Log evidence of one structure (``method=None``: cross-validation), with its fit.
 
     The structure is pinned with :func:`fix_structure`, the latents it leaves
     out are integrated exactly (``marginalize_inert``), and the rest is fitted
     by SVI from ``init_values`` and ``init_scales`` (the weights' means and
     scales by site, e.g. a relaxed fit's: a warm start) or the model's own
-    starting point, then scored by ``method`` on the full data.
-    ``model_params`` is the model's own parameter state (see
-    :func:`~pyro_structsel.infer.scope.model_sites_and_params`); the fit
-    runs in a scope of its own and never touches the global store.
+    starting point, then scored by ``method`` on the full data (a Laplace
+    searches its mode from the fitted guide). ``model_params`` is the model's
+    own parameter state (see
+    :func:`~pyro_structsel.infer.scope.model_sites_and_params`), fitted or
+    held by ``rule``; the fit runs in a scope of its own and never touches the
+    global store. ``curvature`` (a :class:`~pyro_structsel.NetworkModel`'s
+    Laplace) scores the network by :func:`~pyro_structsel.ggn_laplace`
+    without a fit. The estimate's diagnostics say whether the fit and the
+    mode search converged (``"converged"``), the estimators' diagnostic
+    warnings (``"warnings"``, not re-raised) and the model's parameter values
+    it used (``"hyperparameters"``).
     """
     started = time.perf_counter()
     eval_kwargs = scoring_kwargs(kwargs)  # score on the full data, not on a minibatch
-    if curvature is not None:  # a network: Gauss-Newton Laplace on the pruned network
-        estimate = ggn_laplace(model, *args, structure=structure, hessian_structure=curvature,
-                               **eval_kwargs)
+    network = isinstance(model, NetworkModel)
+    if curvature is not None and network:  # Gauss-Newton Laplace on the pruned network
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        with _diagnostic_warnings() as caught:
+            estimate = ggn_laplace(model, *args, structure=structure,
+                                   hessian_structure=curvature, **eval_kwargs)
+        estimate.diagnostics.setdefault("converged",
+                                        estimate.diagnostics["mode_gap"] <= MODE_TOLERANCE)
+        estimate.diagnostics["warnings"] = caught
+        estimate.diagnostics["hyperparameters"] = _model_parameter_values(
+            list(model_params["params"]))
         return StructureFit(dict(structure), estimate, fix_structure(model, structure),
                             seconds=time.perf_counter() - started)
     # everything runs in a scope of its own: tracing a PyroModule registers its parameters
@@ -307,26 +404,63 @@ def score_structure(model: Callable[..., Any], structure: Mapping[str, str | int
         inert = inert_sites(fixed, *args, **eval_kwargs) if marginalize_inert else []
         if inert:  # integrate them out exactly: hide them from inference
             fixed = poutine.block(fixed, hide=inert)
+        # "fixed": SVI sees no model parameter, so they keep their initial values
+        fitted_model = poutine.block(fixed, hide_types=["param"]) \
+            if rule is HyperparameterRule.FIXED else fixed
         if seed is not None:
             pyro.set_rng_seed(seed)
         if method is None:
-            estimate = cross_validation(fixed, *args, folds=folds, num_steps=num_steps,
+            estimate = cross_validation(fitted_model, *args, folds=folds, num_steps=num_steps,
                                         guide=guide, lr=lr, num_samples=num_samples,
                                         seed=seed, **kwargs)
             return StructureFit(dict(structure), estimate, fixed,
                                 seconds=time.perf_counter() - started)
-        fitted, losses = None, []
-        if method not in _NEEDS_NO_GUIDE:
-            fitted = build_guide(fixed, guide, {}, args, kwargs, None, init_values=init_values,
-                                 init_scales=init_scales)
-            losses = fit(fixed, fitted, args, kwargs, num_steps=num_steps, optim=optim(),
-                         num_particles=num_particles, progress=False)
-        with full_data():
-            estimate = estimate_evidence(method, fixed, fitted, *args,
-                                         num_samples=num_samples, **eval_kwargs)
-    return StructureFit(dict(structure), estimate, fixed, fitted,
-                        state if fitted is not None else None, losses,
+        fitted = build_guide(fitted_model, guide, {}, args, kwargs, None,
+                             init_values=init_values, init_scales=init_scales)
+        losses = fit(fitted_model, fitted, args, kwargs, num_steps=num_steps, optim=optim(),
+                     num_particles=num_particles, progress=False)
+        convergence = elbo_convergence(losses, warn=False)
+        options: dict[str, Any] = {}
+        if method is EvidenceMethod.LAPLACE:
+            options = {"hessian_structure": curvature, "seed": seed}
+        elif method is EvidenceMethod.IWAE:
+            laplace_options: dict[str, Any] = {"seed": seed}
+            if hessian_structure not in (None, "auto"):
+                laplace_options["hessian_structure"] = hessian_structure
+            options = {"proposal": proposal, "laplace_options": laplace_options}
+        laplace_based = method is EvidenceMethod.LAPLACE or (
+            method is EvidenceMethod.IWAE and proposal == Proposal.LAPLACE.value)
+        with _diagnostic_warnings() as caught, full_data():
+            estimate = estimate_evidence(method, fixed, fitted, *args, num_samples=num_samples,
+                                         **options, **eval_kwargs)
+        estimate.diagnostics.update({
+            "fit_converged": convergence.converged,
+            "fit_relative_change": convergence.relative_change,
+            # a Laplace (or its proposal) needs the fit only for the model's own parameters
+            "converged": estimate.diagnostics.get("converged", True)
+            and estimate.diagnostics.get("laplace_converged", True) and (
+                convergence.converged or (laplace_based and (
+                    rule is HyperparameterRule.FIXED or not model_params["params"]))),
+            "warnings": caught,
+            "hyperparameters": _model_parameter_values(list(model_params["params"])),
+        })
+    return StructureFit(dict(structure), estimate, fixed, fitted, state, losses,
                         time.perf_counter() - started)
+
+
+@contextmanager
+def _diagnostic_warnings() -> Iterator[list[str]]:
+    """Collect the estimators' diagnostic warnings (the table flags them); pass others on."""
+    messages: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield messages
+    for warning in caught:
+        if issubclass(warning.category, (DiagnosticWarning, LaplaceWarning)):
+            messages.append(str(warning.message))
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                                   warning.lineno)
 
 
 def evidence_table(estimates: Mapping[str, Estimate], structures: Mapping[str, dict[str, Any]]
@@ -343,11 +477,21 @@ def evidence_table(estimates: Mapping[str, Estimate], structures: Mapping[str, d
         probs[finite] = torch.softmax(log_ev[finite], 0)
     factors = torch.where(finite, log_ev - best, torch.full_like(log_ev, math.nan))
     excluded = [label for label, ok in zip(labels, finite.tolist()) if not ok]
+    diagnostics = [estimates[label].diagnostics for label in labels]
+    khat = [float(d.get("khat", math.nan)) for d in diagnostics]
+    converged = [bool(d.get("converged", True)) for d in diagnostics]
+    flagged = [not bool(f) or k > KHAT_FLAG or not c
+               for f, k, c in zip(finite.tolist(), khat, converged)]
     table = pd.DataFrame({
         "log_evidence": log_ev.numpy(),
         "se": [estimates[label].se for label in labels],
         "log_bayes_factor": factors.numpy(),
         "probability": probs.numpy(),
+        "khat": khat,
+        "ess": [float(d.get("ess", math.nan)) for d in diagnostics],
+        "converged": converged,
+        "flagged": flagged,
+        "hyperparameters": [d.get("hyperparameters", {}) for d in diagnostics],
         "structure": [structures[label] for label in labels],
         "note": ["" if ok else f"log evidence {value} is not finite: no probability, excluded "
                  "from the normalisation" for ok, value in zip(finite.tolist(), log_ev.tolist())],
@@ -355,9 +499,27 @@ def evidence_table(estimates: Mapping[str, Estimate], structures: Mapping[str, d
     table = table.sort_values("log_evidence", ascending=False, na_position="last")
     table.attrs["estimates"] = dict(estimates)
     table.attrs["excluded"] = excluded
-    if excluded:
-        warnings.warn(f"compare_structures could not compute the log evidence of {excluded} "
-                      "(not finite): their probability is NaN and the other structures' "
-                      "probabilities are normalised without them (see the table's note "
-                      "column).", UserWarning, stacklevel=find_stack_level())
     return table
+
+
+def _warn_flagged(table: pd.DataFrame) -> None:
+    """One warning naming the structures whose row cannot be trusted, and why."""
+    reasons = []
+    excluded = table.attrs.get("excluded", [])
+    if excluded:
+        reasons.append(f"could not compute the log evidence of {excluded} (not finite): their "
+                       "probability is NaN and the other structures' probabilities are "
+                       "normalised without them (see the table's note column)")
+    for what, rows in (
+            (f"Pareto k-hat > {KHAT_FLAG}", table["khat"] > KHAT_FLAG),
+            ("fit or mode search not converged", ~table["converged"].astype(bool))):
+        names = [str(label) for label in table.index[rows.to_numpy()] if label not in excluded]
+        if names:
+            reasons.append(f"{what}: " + "; ".join(repr(n) for n in names))
+    if reasons:
+        warnings.warn(
+            "compare_structures: some rows cannot be trusted (" + " | ".join(reasons) + "). "
+            "They are flagged in the table's 'flagged' column; their per-estimate warnings "
+            "are in table.attrs['estimates'][label].diagnostics['warnings']. Fit longer "
+            "(num_steps), draw more samples, or use another estimator.",
+            FlaggedEstimateWarning, stacklevel=find_stack_level())

@@ -69,7 +69,7 @@ from ..model.sites import StructuralSite, check_structure
 from ..util.options import Likelihood, parse_option
 from ..util.stacklevel import find_stack_level
 from .estimate import Estimate
-from .hessian_laplace import LaplaceWarning
+from .laplace import LaplaceWarning
 
 __all__ = ["HessianStructure", "ggn_laplace"]
 

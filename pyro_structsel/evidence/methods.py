@@ -14,7 +14,7 @@ from ..util.options import parse_option
 from .bounds import elbo, iwae
 from .descent import gradient_descent_evidence
 from .estimate import Estimate
-from .hessian_laplace import laplace
+from .laplace import laplace
 
 
 class EvidenceMethod(str, Enum):

@@ -12,6 +12,7 @@ from .family import (
     two_hidden_layer,
 )
 from .fix_messenger import FixStructureMessenger, fix_structure
+from .full_data import FullDataMessenger, full_data
 from .network import NetworkModel
 from .plate import data_plate, shard_plate
 from .sites import StructuralSite, find_structural_sites, structural_prior, structure
@@ -19,6 +20,7 @@ from .sites import StructuralSite, find_structural_sites, structural_prior, stru
 __all__ = [
     "BayesianModule",
     "FixStructureMessenger",
+    "FullDataMessenger",
     "GraphFamily",
     "MixedOp",
     "NetworkModel",
@@ -29,6 +31,7 @@ __all__ = [
     "derive_network",
     "find_structural_sites",
     "fix_structure",
+    "full_data",
     "one_hidden_layer",
     "shard_plate",
     "structural_prior",

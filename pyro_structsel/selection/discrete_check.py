@@ -52,7 +52,7 @@ import pyro.optim
 import torch
 
 from ..evidence.comparison import StructureFit, evidence_table, score_structure, structure_label
-from ..evidence.hessian_laplace import LaplaceWarning
+from ..evidence.laplace import LaplaceWarning
 from ..evidence.methods import EvidenceMethod
 from ..infer.convergence import DiagnosticWarning, elbo_convergence
 from ..model.network import NetworkModel
@@ -288,7 +288,8 @@ def run_discrete_check(model: Callable[..., Any], args: tuple, kwargs: dict[str,
                 seed=seed, init_values=init_values, init_scales=init_scales)
         # a missed mode is one column of the table (and one warning of select_structure
         # when it unsettles the top two), not a warning per structure
-        mode_missed[label] = any(issubclass(w.category, LaplaceWarning) for w in caught)
+        mode_missed[label] = any(issubclass(w.category, LaplaceWarning) for w in caught) or \
+            not fits[label].estimate.diagnostics.get("converged", True)  # warnings it keeps
         for w in caught:
             if not issubclass(w.category, LaplaceWarning):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
