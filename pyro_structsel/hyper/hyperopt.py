@@ -54,7 +54,9 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.distributions import constraints
 from pyro.infer import Trace_ELBO
+from pyro.nn import PyroModule, PyroParam
 from pyro.params import user_param_name
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import transform_to
@@ -353,6 +355,28 @@ def _only(values: Mapping[str, torch.Tensor], names: frozenset[str]
     return {user_param_name(name): value for name, value in values.items() if name in names}
 
 
+def _parameters_as_pyro_params(module: Any) -> None:
+    """Turn the plain ``nn.Parameter`` s of a PyroModule guide into unconstrained PyroParams.
+
+    A PyroModule issues ``pyro.param`` for a plain parameter but returns its own
+    tensor, so ``poutine.substitute`` cannot plug :math:`\theta` in: the
+    ``loc`` of ``AutoDiagonalNormal``, ``AutoMultivariateNormal`` and
+    ``AutoLowRankMultivariateNormal`` (and the ``cov_factor`` of the last)
+    would never train. As PyroParams (real constraint, same name and tensor in
+    the store) they are substituted like every other parameter.
+    """
+    if not isinstance(module, PyroModule):
+        return
+    for sub in module.modules():
+        if not isinstance(sub, PyroModule):
+            continue
+        for name, value in list(sub._parameters.items()):
+            if value is None or name.endswith("_unconstrained"):
+                continue
+            delattr(sub, name)
+            setattr(sub, name, PyroParam(value.detach(), constraints.real))
+
+
 def _parameters_in_graph(model: Callable[..., Any], guide: Callable[..., Any], args: tuple,
                          kwargs: Mapping[str, Any], state: Mapping[str, Any],
                          readers: tuple[frozenset[str], frozenset[str]]) -> set[str]:
@@ -387,8 +411,9 @@ def _check_int(value: Any, argument: str, low: int) -> int:
 
 
 def _check_method_criterion(method: str, criterion: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; expected one of {list(METHODS)}.")
+    if method not in METHODS and method != "auto":
+        raise ValueError(f"Unknown method {method!r}; expected one of {list(METHODS)} or "
+                         "'auto'.")
     if criterion not in CRITERIA:
         raise ValueError(f"Unknown criterion {criterion!r}; expected one of {list(CRITERIA)}.")
 
@@ -504,6 +529,8 @@ def hyperparameter_problem(model: Callable[..., Any], *args: Any,
             built = build_guide(model, guide, sites, args, kwargs, None)
             # create the guide's parameters; record which parameters guide and model read
             with poutine.block(), torch.no_grad():
+                poutine.trace(built).get_trace(*args, **kwargs)
+                _parameters_as_pyro_params(built)
                 with poutine.trace(param_only=True) as guide_capture:
                     guide_trace = poutine.trace(built).get_trace(*args, **kwargs)
                 with poutine.trace(param_only=True) as model_capture:
@@ -718,7 +745,7 @@ def optimize_hyperparameters(
     hyperparameters: Sequence[str],
     criterion: str = "evidence",
     validation: tuple | int | None = None,
-    method: str = "unrolled",
+    method: str = "auto",
     num_outer_steps: int = 20,
     num_inner_steps: int = 50,
     lr: float | Sequence[float] | torch.Tensor = 0.01,
@@ -783,8 +810,11 @@ def optimize_hyperparameters(
         folds, one inner run per fold). With ``"greedy"`` the folds run one
         after the other, each moving :math:`h` online, and the recorded
         hypergradient is the last fold's.
-    method : {"unrolled", "rmad", "greedy", "implicit", "joint"}
-        Hypergradient method.
+    method : {"auto", "unrolled", "rmad", "greedy", "implicit", "joint"}
+        Hypergradient method. ``"auto"`` (default): ``"unrolled"``, unless the
+        guide samples a Dirichlet (the default structure prior) or another site
+        torch differentiates only once; then ``"joint"`` (empirical Bayes) for
+        ``criterion="evidence"`` and ``"greedy"`` for ``"validation"``.
     num_outer_steps, num_inner_steps : int
         Adam steps on :math:`h`; inner steps :math:`\eta`.
     lr, momentum : float or schedule of length ``num_inner_steps``
@@ -842,6 +872,9 @@ def optimize_hyperparameters(
     by implicit differentiation. AISTATS 2020.
     """
     _check_method_criterion(method, criterion)
+    auto = method == "auto"
+    if auto:  # provisional: second derivatives are known once the guide is built
+        method = "unrolled"
     num_outer_steps = _check_int(num_outer_steps, "num_outer_steps", 1)
     num_inner_steps = _check_int(num_inner_steps, "num_inner_steps", 1)
     if not (isinstance(outer_lr, (int, float)) and math.isfinite(outer_lr) and outer_lr > 0):
@@ -872,6 +905,14 @@ def optimize_hyperparameters(
         vectorize_particles=vectorize_particles, seed=seed,
         _with_full_data=isinstance(validation, int), **kwargs)
     full = problems.pop() if isinstance(validation, int) else problems[0]
+    if auto and not full.second_order:  # a Dirichlet (Gamma, Beta) guide: first-order methods
+        if tuned:
+            raise ValueError(f"The guide samples a Dirichlet (or Gamma/Beta) site, whose "
+                             f"samples torch differentiates only once, so {tuned} cannot be "
+                             "tuned (that needs method='unrolled' or 'rmad'); use "
+                             "prior='concrete' or drop them.")
+        method = "joint" if criterion == "evidence" else "greedy"
+        options = _method_options(method, method_options)
     if method in ("unrolled", "rmad", "implicit") and not full.second_order:
         raise ValueError(f"method={method!r} needs second derivatives of the ELBO, but the "
                          "guide samples a Dirichlet (or Gamma/Beta) site, whose reparameterised "
