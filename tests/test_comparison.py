@@ -203,3 +203,45 @@ def test_a_nan_evidence_gets_no_probability():
     assert math.isnan(table.loc["b", "probability"]) and table.loc["b", "flagged"]
     assert table.loc["a", "probability"] + table.loc["c", "probability"] == pytest.approx(1.0)
     assert table.loc["c", "flagged"] and not table.loc["a", "flagged"]
+
+
+def closed_form_maximum(x, y, basis):
+    """max over (alpha, sigma) of the BLR evidence, by L-BFGS on their logs."""
+    features = sine_features(x, basis)
+    n, d = features.shape
+    logs = torch.tensor([0.0, 2.0], dtype=torch.float64, requires_grad=True)
+
+    def negative():  # Bishop (3.86), differentiable in log alpha, log beta
+        alpha, beta = logs.exp()
+        a = alpha * torch.eye(d) + beta * features.T @ features
+        mean = beta * torch.linalg.solve(a, features.T @ y)
+        energy = beta / 2 * (y - features @ mean).square().sum() + alpha / 2 * mean @ mean
+        return -(d / 2 * alpha.log() + n / 2 * beta.log() - energy - 0.5 * torch.logdet(a)
+                 - n / 2 * math.log(2 * math.pi))
+
+    optimizer = torch.optim.LBFGS([logs], max_iter=200, tolerance_grad=1e-12,
+                                  line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        value = negative()
+        value.backward()
+        return value
+
+    optimizer.step(closure)
+    alpha, beta = logs.detach().exp().tolist()
+    return -float(negative().detach()), alpha, beta**-0.5
+
+
+def test_empirical_bayes_rows_are_each_structures_own_evidence_maximum(data):
+    # rule "evidence": each row is the Laplace evidence (exact here) at the alpha and sigma
+    # maximising it, which is the closed-form maximum of the evidence over both
+    x, y = data
+    table = ps.compare_structures(sine_model, x, y, hyperparameters="evidence", num_steps=150,
+                                  lr=0.05, progress=False)
+    for label, row in table.iterrows():
+        best, alpha, sigma = closed_form_maximum(x, y, row["structure"]["basis"])
+        assert row["log_evidence"] == pytest.approx(best, abs=1e-6), label
+        assert row["hyperparameters"]["alpha"] == pytest.approx(alpha, rel=1e-3)
+        assert row["hyperparameters"]["sigma"] == pytest.approx(sigma, rel=1e-3)
+        assert not row["flagged"]

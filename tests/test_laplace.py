@@ -249,3 +249,24 @@ def test_laplace_proposal_on_a_network_reports_its_khat(float64):
     assert estimate.diagnostics["laplace"] == pytest.approx(laplace.value)
     assert math.isfinite(estimate.value) and math.isfinite(estimate.diagnostics["khat"])
     assert 1 <= estimate.diagnostics["ess"] <= 400
+
+
+def test_empirical_bayes_prior_scale_is_mackays_optimum(float64):
+    # one factor on the Gaussian prior scale of w: its optimum is the alpha maximising the
+    # closed-form evidence (MacKay's fixed point alpha = gamma / |w*|^2)
+    from pyro_structsel.evidence.empirical_bayes import empirical_bayes
+
+    x, y = blr_data()
+    estimate = empirical_bayes(user_blr, None, x, y, prior_scales=True)
+    factor = estimate.diagnostics["hyperparameters"]["w.prior_scale"]
+    alpha = ALPHA / factor**2
+    grid = torch.linspace(math.log(alpha) - 0.01, math.log(alpha) + 0.01, 201).exp()
+    values = [ps.blr_log_evidence(x, y, prior_precision=float(a), noise_precision=BETA).value
+              for a in grid]
+    assert estimate.value == pytest.approx(max(values), abs=1e-7)
+    assert max(values) == pytest.approx(values[100], abs=1e-7)  # the optimum is at alpha
+    assert estimate.diagnostics["empirical_bayes"]["converged"]
+    with pytest.raises(ValueError, match=r"Unknown hyperparameter\(s\) \['beta'\].*reads \[\]"):
+        empirical_bayes(user_blr, None, x, y, hyperparameters=["beta"])
+    with pytest.raises(ValueError, match="Nothing to optimise"):
+        empirical_bayes(user_blr, None, x, y)

@@ -19,6 +19,7 @@ from .complexity import (
 )
 from .crossval import blr_cross_validation, cross_validation, kfold_indices
 from .descent import StepSizeWarning, gradient_descent_evidence
+from .empirical_bayes import empirical_bayes
 from .estimate import Estimate
 from .exact import BLRPosterior, blr_log_evidence, blr_model, blr_posterior, polynomial_features
 from .ggn import ggn_laplace
@@ -45,6 +46,7 @@ __all__ = [
     "cross_validation",
     "description_length",
     "elbo",
+    "empirical_bayes",
     "estimate_evidence",
     "ggn_laplace",
     "gradient_descent_evidence",

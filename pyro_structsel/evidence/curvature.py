@@ -247,7 +247,8 @@ class LogJoint:
                 trace = poutine.trace(model).get_trace(*self.args, **self.kwargs)
             yield trace, unconstrained, handler
 
-    def _observed(self, trace: Trace) -> Iterator[tuple[str, dict[str, Any]]]:
+    def observed_sites(self, trace: Trace) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The observed sites of a trace of the model (not latents, pinned or plate sites)."""
         for name, site in trace.nodes.items():
             if site["type"] == "sample" and site["is_observed"] and name not in self.site \
                     and not site_is_subsample(site) and not _is_fixed(site):
@@ -264,7 +265,7 @@ class LogJoint:
                     node = trace.nodes[s.name]
                     prior = prior + node["log_prob_sum"] + s.transform.log_abs_det_jacobian(
                         unconstrained[s.name], node["value"]).sum()
-            for _, site in self._observed(trace):
+            for _, site in self.observed_sites(trace):
                 likelihood = likelihood + site["log_prob_sum"]
         return likelihood, prior
 
@@ -280,14 +281,25 @@ class LogJoint:
         return total
 
     # ------------------------------------------------------------------ observations
-    def observations(self, flat: torch.Tensor) -> list[ObservedSite]:
-        """Free distribution parameters and Fisher square roots of every observed site."""
+    def observations(self, flat: torch.Tensor, *, differentiable: bool = False
+                     ) -> list[ObservedSite]:
+        """Free distribution parameters and Fisher square roots of every observed site.
+
+        ``differentiable`` keeps the Fisher's graph to the model's parameters
+        (the latents are held at ``flat``).
+        """
         out = []
         with torch.enable_grad():
             leaf = flat.detach().clone().requires_grad_()
+
+            def depends(tensor: torch.Tensor) -> bool:  # on the latents, not on pyro.params
+                return tensor.requires_grad and torch.autograd.grad(
+                    tensor.sum(), leaf, retain_graph=True, allow_unused=True)[0] is not None
+
             for trace, _, _ in self.traces(leaf):
-                for name, site in self._observed(trace):
-                    observed = observed_site(name, site, num_samples=self.fisher_samples)
+                for name, site in self.observed_sites(trace):
+                    observed = observed_site(name, site, num_samples=self.fisher_samples,
+                                             depends=depends, differentiable=differentiable)
                     if observed is not None:
                         out.append(observed)
         return out
@@ -300,7 +312,7 @@ class LogJoint:
             params.setdefault(obs.name, obs.params)
         out = []
         for trace, _, _ in self.traces(flat):
-            for name, site in self._observed(trace):
+            for name, site in self.observed_sites(trace):
                 if name in params:
                     out.append(observed_theta(site, params[name]))
         return tuple(out)
@@ -396,8 +408,15 @@ class Curvature:
         self.log_joint = log_joint
         self.flat = flat.detach()
         self.chunk_size = chunk_size
-        self.observed = log_joint.observations(self.flat)
+        self._observed: list[ObservedSite] | None = None
         self.matrices_checked: dict[str, bool] = {}
+
+    @property
+    def observed(self) -> list[ObservedSite]:
+        """The observed sites' free parameters and Fisher square roots at the point."""
+        if self._observed is None:
+            self._observed = self.log_joint.observations(self.flat)
+        return self._observed
 
     # ------------------------------------------------------------------ Jacobians
     def _sqrt_jacobian_columns(self, columns: torch.Tensor) -> torch.Tensor:
@@ -489,7 +508,7 @@ class Curvature:
                 trace = poutine.trace(model).get_trace(*log_joint.args, **log_joint.kwargs)
                 params = {obs.name: obs for obs in self.observed}
                 thetas = [observed_theta(site, params[name].params)
-                          for name, site in log_joint._observed(trace) if name in params]
+                          for name, site in log_joint.observed_sites(trace) if name in params]
                 block_sqrt = self._block_sqrt(block)
                 width = max(s.shape[-1] for s in block_sqrt)
                 grads_by_r = []
@@ -550,8 +569,12 @@ class Curvature:
         return kept
 
     # ------------------------------------------------------------------ the prior
-    def prior_precision(self, *, diagonal: bool) -> torch.Tensor:
-        r""":math:`-\nabla^2 \log p(u)`: the full matrix, or its exact diagonal."""
+    def prior_precision(self, *, diagonal: bool, create_graph: bool = False) -> torch.Tensor:
+        r""":math:`-\nabla^2 \log p(u)`: the full matrix, or its exact diagonal.
+
+        ``create_graph`` keeps the graph to whatever the prior depends on
+        besides the latents (hyperparameters, for empirical Bayes).
+        """
         log_joint = self.log_joint
         d = self.flat.numel()
         with torch.enable_grad():
@@ -559,17 +582,19 @@ class Curvature:
             grad = torch.autograd.grad(log_joint.log_prior(leaf), leaf, create_graph=True)[0]
             if not grad.requires_grad:  # a flat prior: zero curvature
                 return torch.zeros(d if diagonal else (d, d), dtype=torch.float64)
+            separable, coupled = self._separable_sites(leaf)
 
             def hvp(vectors: torch.Tensor) -> torch.Tensor:
-                return torch.autograd.grad(grad, leaf, vectors, retain_graph=True,
-                                           is_grads_batched=True, allow_unused=True)[0]
+                out = torch.autograd.grad(grad, leaf, vectors, retain_graph=True,
+                                          create_graph=create_graph, is_grads_batched=True,
+                                          allow_unused=True)[0]
+                return torch.zeros_like(vectors) if out is None else out
 
             if not diagonal:
                 rows = [hvp(torch.eye(d, dtype=leaf.dtype)[c]) for c in self._chunks(
                     torch.arange(d))]
                 hessian = torch.cat(rows, 0).double()
                 return -0.5 * (hessian + hessian.T)
-            separable, coupled = self._separable_sites(leaf)
             out = torch.zeros(d, dtype=torch.float64)
             if separable:
                 v = torch.zeros(1, d, dtype=leaf.dtype)
@@ -715,11 +740,11 @@ class Precision:
         if self.structure is HessianStructure.FULL:
             matrix = self.ggn + self.prior
             sign, value = torch.linalg.slogdet(0.5 * (matrix + matrix.T))
-            if float(sign) <= 0 or float(self.eigen()[0]) <= 0:
+            if float(sign.detach()) <= 0 or float(self.eigen()[0].detach()) <= 0:
                 return value.new_tensor(math.nan)
             return value
         eigenvalues = self.eigen()
-        if eigenvalues.numel() and float(eigenvalues.min()) <= 0:
+        if eigenvalues.numel() and float(eigenvalues.min().detach()) <= 0:
             return eigenvalues.new_tensor(math.nan)
         return eigenvalues.log().sum()
 

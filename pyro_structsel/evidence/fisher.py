@@ -103,8 +103,12 @@ class ObservedSite:
 
 # ----------------------------------------------------------------------------- closed forms
 
-def _free(base: Any, names: list[str]) -> list[str]:
-    return [n for n in names if torch.is_tensor(getattr(base, n)) and getattr(base, n).requires_grad]
+def _requires_grad(tensor: Any) -> bool:
+    return torch.is_tensor(tensor) and tensor.requires_grad
+
+
+def _free(base: Any, names: list[str], depends: Callable[[torch.Tensor], bool]) -> list[str]:
+    return [n for n in names if torch.is_tensor(getattr(base, n)) and depends(getattr(base, n))]
 
 
 def _diag(*entries: torch.Tensor) -> torch.Tensor:
@@ -122,31 +126,31 @@ def _location_scale(loc_info: Callable[[Any], torch.Tensor],
 
 
 def _bernoulli(base: Any, free: list[str]) -> torch.Tensor:
-    p = torch.sigmoid(base.logits.detach())
+    p = torch.sigmoid(base.logits)
     return (p * (1 - p)).sqrt()[..., None, None]
 
 
 def _binomial(base: Any, free: list[str]) -> torch.Tensor:
-    p = torch.sigmoid(base.logits.detach())
-    return (base.total_count.detach() * p * (1 - p)).sqrt()[..., None, None]
+    p = torch.sigmoid(base.logits)
+    return (base.total_count * p * (1 - p)).sqrt()[..., None, None]
 
 
 def _categorical(base: Any, free: list[str]) -> torch.Tensor:
-    p = torch.softmax(base.logits.detach(), -1)
+    p = torch.softmax(base.logits, -1)
     # (diag(√p) − p √pᵀ)(diag(√p) − √p pᵀ) = diag(p) − p pᵀ since Σ p = 1
     return torch.diag_embed(p.sqrt()) - p.unsqueeze(-1) * p.sqrt().unsqueeze(-2)
 
 
 def _poisson(base: Any, free: list[str]) -> torch.Tensor:
-    return base.rate.detach().clamp(min=torch.finfo(base.rate.dtype).tiny).rsqrt()[..., None, None]
+    return base.rate.clamp(min=torch.finfo(base.rate.dtype).tiny).rsqrt()[..., None, None]
 
 
 def _exponential(base: Any, free: list[str]) -> torch.Tensor:
-    return (1 / base.rate.detach())[..., None, None]
+    return (1 / base.rate)[..., None, None]
 
 
 def _gamma(base: Any, free: list[str]) -> torch.Tensor:
-    a, b = base.concentration.detach(), base.rate.detach()
+    a, b = base.concentration, base.rate
     full = torch.stack([torch.stack([torch.polygamma(1, a), -1 / b], -1),
                         torch.stack([-1 / b, a / b**2], -1)], -2)
     index = [["concentration", "rate"].index(n) for n in free]
@@ -157,16 +161,16 @@ def _gamma(base: Any, free: list[str]) -> torch.Tensor:
 #: type → (parameter names in order, parameters that must be constant, sqrt-Fisher builder)
 _CLOSED_FORMS: list[tuple[type, list[str], list[str], Callable[[Any, list[str]], torch.Tensor]]] = [
     (dist.Normal, ["loc", "scale"], [], _location_scale(
-        lambda d: d.scale.detach() ** -2, lambda d: 2 * d.scale.detach() ** -2)),
+        lambda d: d.scale ** -2, lambda d: 2 * d.scale ** -2)),
     (dist.LogNormal, ["loc", "scale"], [], _location_scale(
-        lambda d: d.scale.detach() ** -2, lambda d: 2 * d.scale.detach() ** -2)),
+        lambda d: d.scale ** -2, lambda d: 2 * d.scale ** -2)),
     (dist.StudentT, ["loc", "scale"], ["df"], _location_scale(
-        lambda d: (d.df + 1).detach() / ((d.df + 3).detach() * d.scale.detach() ** 2),
-        lambda d: 2 * d.df.detach() / ((d.df + 3).detach() * d.scale.detach() ** 2))),
+        lambda d: (d.df + 1) / ((d.df + 3) * d.scale ** 2),
+        lambda d: 2 * d.df / ((d.df + 3) * d.scale ** 2))),
     (dist.Laplace, ["loc", "scale"], [], _location_scale(
-        lambda d: d.scale.detach() ** -2, lambda d: d.scale.detach() ** -2)),
+        lambda d: d.scale ** -2, lambda d: d.scale ** -2)),
     (dist.Cauchy, ["loc", "scale"], [], _location_scale(
-        lambda d: 0.5 * d.scale.detach() ** -2, lambda d: 0.5 * d.scale.detach() ** -2)),
+        lambda d: 0.5 * d.scale ** -2, lambda d: 0.5 * d.scale ** -2)),
     (dist.Bernoulli, ["logits"], [], _bernoulli),
     (dist.Binomial, ["logits"], ["total_count"], _binomial),
     (dist.Categorical, ["logits"], [], _categorical),
@@ -182,11 +186,12 @@ def _param_rows(base: Any, name: str, batch: torch.Size) -> torch.Tensor:
     return param.expand(batch + event).reshape(batch.numel(), -1)
 
 
-def _closed_form(base: Any) -> tuple[list[str], Callable[[Any, list[str]], torch.Tensor]] | None:
+def _closed_form(base: Any, depends: Callable[[torch.Tensor], bool]
+                 ) -> tuple[list[str], Callable[[Any, list[str]], torch.Tensor]] | None:
     for kind, names, constant, sqrt in _CLOSED_FORMS:
         if type(base) is kind or (kind is dist.Categorical and isinstance(base, dist.Categorical)
                                   and not isinstance(base, dist.OneHotCategorical)):
-            if any(torch.is_tensor(getattr(base, c)) and getattr(base, c).requires_grad
+            if any(torch.is_tensor(getattr(base, c)) and depends(getattr(base, c))
                    for c in constant):
                 return None  # e.g. a latent StudentT df: Monte Carlo
             return names, sqrt
@@ -195,11 +200,11 @@ def _closed_form(base: Any) -> tuple[list[str], Callable[[Any, list[str]], torch
 
 # ----------------------------------------------------------------------------- Monte Carlo
 
-def _monte_carlo(name: str, base: Any, num_samples: int, batch: torch.Size
-                 ) -> tuple[list[str], torch.Tensor]:
+def _monte_carlo(name: str, base: Any, num_samples: int, batch: torch.Size,
+                 depends: Callable[[torch.Tensor], bool]) -> tuple[list[str], torch.Tensor]:
     """Free parameters and the sampled-target Fisher square root of ``base``."""
     names = [n for n in base.arg_constraints if n in base.__dict__
-             and torch.is_tensor(base.__dict__[n]) and base.__dict__[n].requires_grad]
+             and torch.is_tensor(base.__dict__[n]) and depends(base.__dict__[n])]
     if not names:
         return [], torch.zeros(0)
     if not hasattr(base, "sample") or isinstance(base, Unit):
@@ -235,12 +240,18 @@ def site_weights(site: Mapping[str, Any], shape: torch.Size, dtype: torch.dtype)
     return weight
 
 
-def observed_site(name: str, site: Mapping[str, Any], *, num_samples: int = 64
+def observed_site(name: str, site: Mapping[str, Any], *, num_samples: int = 64,
+                  differentiable: bool = False,
+                  depends: Callable[[torch.Tensor], bool] = _requires_grad
                   ) -> ObservedSite | None:
     """The free parameters and Fisher square root of the observed trace site ``name``.
 
     Returns ``None`` when no parameter of its distribution depends on the
     latents (the site adds a constant to the log joint and no curvature).
+    ``depends(tensor)`` says whether a parameter depends on the latents
+    (default: whether it requires grad). ``differentiable`` keeps the square
+    root's graph to the distribution's parameters (for hyperparameters of the
+    likelihood, in empirical Bayes).
 
     Raises
     ------
@@ -266,19 +277,19 @@ def observed_site(name: str, site: Mapping[str, Any], *, num_samples: int = 64
     event_shape = base.event_shape
     value = site["value"]
     batch = value.shape[: value.dim() - len(event_shape)]
-    closed = _closed_form(base)
+    closed = _closed_form(base, depends)
     if closed is not None:
         names, builder = closed
-        free = _free(base, names)
+        free = _free(base, names, depends)
         if not free:
             return None
         theta = torch.cat([_param_rows(base, n, batch) for n in free], -1)
-        with torch.no_grad():
+        with torch.set_grad_enabled(differentiable):
             sqrt = builder(base, free)
         sqrt = sqrt.expand(batch + sqrt.shape[-2:]).reshape(batch.numel(), *sqrt.shape[-2:])
     else:
         try:
-            free, sqrt = _monte_carlo(name, base, num_samples, batch)
+            free, sqrt = _monte_carlo(name, base, num_samples, batch, depends)
         except FisherError:
             raise
         except Exception as error:  # noqa: BLE001 -- e.g. a distribution without sample()
@@ -290,7 +301,8 @@ def observed_site(name: str, site: Mapping[str, Any], *, num_samples: int = 64
     weight = site_weights(site, batch, sqrt.dtype).reshape(-1)
     shift_invariant = isinstance(base, dist.Categorical) and free == ["logits"]
     log_natural = type(base) is dist.Poisson
-    return ObservedSite(name, free, theta, sqrt.detach() * weight.sqrt()[:, None, None],
+    sqrt = sqrt if differentiable else sqrt.detach()
+    return ObservedSite(name, free, theta, sqrt * weight.sqrt()[:, None, None],
                         shift_invariant, log_natural)
 
 

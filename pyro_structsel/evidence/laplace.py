@@ -73,7 +73,7 @@ class CurvatureKind(str, Enum):
     HESSIAN = "hessian"
 
 
-def _start(log_joint: LogJoint, guide: Any, args: tuple, kwargs: Mapping[str, Any],
+def start_point(log_joint: LogJoint, guide: Any, args: tuple, kwargs: Mapping[str, Any],
            seed: int | None, init_scale: float) -> tuple[torch.Tensor, str]:
     """Where the search for the mode starts, and which start it is."""
     if isinstance(guide, Mapping):
@@ -243,6 +243,8 @@ def laplace(model: Callable[..., Any], guide: Any = None, *args: Any, curvature:
         ``converged`` (mode reached within ``mode_tolerance``),
         ``min_eigenvalue``, ``start`` (``"guide"``, ``"values"`` or
         ``"prior_draw"``), ``mode`` (constrained values by site),
+        ``flat_mode`` (the unconstrained vector), ``posterior`` (the
+        :class:`LaplaceGaussian`), ``kron_sites``,
         ``seconds_mode``, ``seconds_curvature``; with
         ``curvature="hessian"`` also ``hessian_min_eigenvalue`` and
         ``fallback`` (whether the GGN replaced it).
@@ -267,7 +269,27 @@ def laplace(model: Callable[..., Any], guide: Any = None, *args: Any, curvature:
     if not (isinstance(init_scale, (int, float)) and init_scale > 0):
         raise ValueError(f"Expected init_scale > 0, but got {init_scale!r}.")
     log_joint = LogJoint(model, args, kwargs, fisher_samples=fisher_samples)
-    start, start_kind = _start(log_joint, guide, args, kwargs, seed, init_scale)
+    start, start_kind = start_point(log_joint, guide, args, kwargs, seed, init_scale)
+    estimate = laplace_at(log_joint, start, curvature=kind, hessian_structure=structure,
+                          adam_steps=adam_steps, lr=lr, max_iter=max_iter, tolerance=tolerance,
+                          mode_tolerance=mode_tolerance, chunk_size=chunk_size)
+    estimate.diagnostics["start"] = start_kind
+    _warn_if_unreliable(estimate)
+    return estimate
+
+
+def laplace_at(log_joint: LogJoint, start: torch.Tensor, *,
+               curvature: CurvatureKind = CurvatureKind.GGN,
+               hessian_structure: HessianStructure | None = None, adam_steps: int = 0,
+               lr: float = 0.01, max_iter: int = 1000, tolerance: float = 1e-9,
+               mode_tolerance: float = MODE_TOLERANCE, chunk_size: int = 64) -> Estimate:
+    """The Laplace evidence of ``log_joint`` from the flat start ``start`` (see :func:`laplace`).
+
+    Warns only where the exact Hessian falls back to the GGN; the caller
+    decides how to report an unconverged or undefined estimate
+    (``diagnostics["converged"]``, a NaN value).
+    """
+    kind, structure = curvature, hessian_structure
     started = time.perf_counter()
     mode, grad = find_mode(log_joint, start, adam_steps=adam_steps, lr=lr, max_iter=max_iter,
                            tolerance=tolerance)
@@ -277,8 +299,7 @@ def laplace(model: Callable[..., Any], guide: Any = None, *args: Any, curvature:
     started = time.perf_counter()
     d = mode.numel()
     diagnostics: dict[str, Any] = {"curvature": kind.value, "num_latent": d,
-                                   "num_data_blocks": log_joint.num_blocks,
-                                   "start": start_kind}
+                                   "num_data_blocks": log_joint.num_blocks}
     log_det = math.nan
     if kind is CurvatureKind.HESSIAN:
         hessian = _negative_hessian(log_joint, mode)
@@ -318,19 +339,24 @@ def laplace(model: Callable[..., Any], guide: Any = None, *args: Any, curvature:
     diagnostics.update({
         "log_joint": log_joint_value, "log_likelihood": likelihood, "log_prior": prior,
         "log_det_precision": log_det, "grad_norm": grad_norm, "mode_gap": mode_gap,
-        "converged": converged,
+        "converged": converged, "flat_mode": mode,
         "mode": {n: v.detach().clone() for n, v in log_joint.constrained(mode).items()},
         "seconds_mode": seconds_mode, "seconds_curvature": seconds_curvature})
-    if math.isnan(log_det):
-        warnings.warn(f"The Laplace precision is not positive definite (smallest eigenvalue "
-                      f"{smallest:.3g}; the log prior is not concave there); the Laplace "
-                      "evidence is undefined.", LaplaceWarning, stacklevel=find_stack_level())
-    elif not converged:
-        warnings.warn(f"L-BFGS did not reach the mode (gradient norm {grad_norm:.3g}, up to "
-                      f"{mode_gap:.3g} nats below it); the Laplace evidence may be off. Raise "
-                      "max_iter, or start from a fitted guide.", LaplaceWarning,
-                      stacklevel=find_stack_level())
     return Estimate(value, 0.0, 0, "laplace", diagnostics)
+
+
+def _warn_if_unreliable(estimate: Estimate) -> None:
+    diagnostics = estimate.diagnostics
+    if math.isnan(estimate.value):
+        warnings.warn(f"The Laplace precision is not positive definite (smallest eigenvalue "
+                      f"{diagnostics.get('min_eigenvalue', math.nan):.3g}; the log prior is not "
+                      "concave there); the Laplace evidence is undefined.", LaplaceWarning,
+                      stacklevel=find_stack_level())
+    elif not diagnostics["converged"]:
+        warnings.warn(f"L-BFGS did not reach the mode (gradient norm "
+                      f"{diagnostics['grad_norm']:.3g}, up to {diagnostics['mode_gap']:.3g} nats "
+                      "below it); the Laplace evidence may be off. Raise max_iter, or start "
+                      "from a fitted guide.", LaplaceWarning, stacklevel=find_stack_level())
 
 
 def _negative_hessian(log_joint: LogJoint, mode: torch.Tensor) -> torch.Tensor:
