@@ -72,6 +72,33 @@ def test_iwae_with_its_default_proposal_is_exact_or_flagged(float64):
         assert not row["flagged"] and row["ess"] == pytest.approx(200)
 
 
+@pytest.mark.slow
+def test_iwae_with_defaults_on_bishops_polynomials_is_exact_or_flagged(float64):
+    # the case: Bishop's sin(2 pi x) data, N = 25, alpha = 5e-3, beta = 11.1; IWAE
+    # with every default reported -46.1 +- 0.5 at degree 3 (exact -24.6), unflagged
+    alpha, beta = 5e-3, 11.1
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(25, generator=generator, dtype=torch.float64)
+    y = torch.sin(2 * math.pi * x) + beta**-0.5 * torch.randn(25, generator=generator,
+                                                               dtype=torch.float64)
+
+    def bishop(x, y=None):
+        gamma = ps.structure("degree", [str(k) for k in range(DEGREES)])
+        mean = 0.0
+        for k in range(DEGREES):
+            w = pyro.sample(f"w{k}", dist.Normal(torch.zeros(k + 1), alpha**-0.5).to_event(1))
+            mean = mean + gamma[..., [k]] * (ps.polynomial_features(x, k) * w).sum(-1)
+        with pyro.plate("data", len(x)):
+            pyro.sample("y", dist.Normal(mean, beta**-0.5), obs=y)
+
+    table = ps.compare_structures(bishop, x, y, method="iwae", progress=False)
+    assert len(table) == DEGREES
+    for label, row in table.iterrows():
+        exact = ps.blr_log_evidence(ps.polynomial_features(x, int(row["structure"]["degree"])),
+                                    y, prior_precision=alpha, noise_precision=beta).value
+        assert row["flagged"] or abs(row["log_evidence"] - exact) <= 3 * row["se"] + 0.05, label
+
+
 def _check_bounds(table, x, y):
     for method in ("elbo", "iwae"):
         for _, row in table[method].iterrows():
