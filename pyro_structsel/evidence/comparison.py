@@ -301,9 +301,10 @@ def compare_structures(
         curvature = hessian_structure or "auto"
         if network and curvature == "auto":
             curvature = HessianStructure.DIAG.value
+    sharing = resolve_distributed(distributed)
 
     def score(structure: Mapping[str, str | int]) -> Estimate:
-        return score_structure(
+        estimate = score_structure(
             model, structure, args, kwargs, method_enum, guide=guide,
             model_params=model_params, num_steps=num_steps,
             optim=optimizer_factory(optim, lr) if optim is not None
@@ -312,9 +313,12 @@ def compare_structures(
             marginalize_inert=marginalize_inert, curvature=curvature, rule=rule,
             proposal=proposal, hessian_structure=hessian_structure,
             prior_scales=prior_scales).estimate
+        if sharing:  # results cross ranks by pickle; the Laplace Gaussian holds the model
+            estimate.diagnostics.pop("posterior", None)
+        return estimate
 
     with module_params_kept(model):  # the structures shared out over the ranks of a torchrun job
-        scored = map_over_ranks(score, chosen, enabled=resolve_distributed(distributed),
+        scored = map_over_ranks(score, chosen, enabled=sharing,
                                 where="scoring its structures", desc="compare_structures",
                                 progress=progress, unit="structures")
     estimates = {structure_label(s): estimate for s, estimate in zip(chosen, scored)}
