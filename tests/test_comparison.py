@@ -193,12 +193,12 @@ def test_unreliable_rows_are_flagged_with_one_warning(data):
 
 
 def test_a_nan_evidence_gets_no_probability():
-    from pyro_structsel.evidence.comparison import _table
+    from pyro_structsel.evidence.comparison import evidence_table
 
     estimates = {"a": ps.Estimate(-3.0, 0.1, 10, "iwae", {"khat": 0.2, "ess": 8.0}),
                  "b": ps.Estimate(float("nan"), float("nan"), 0, "laplace", {}),
                  "c": ps.Estimate(-4.0, 0.0, 0, "laplace", {"converged": False})}
-    table = _table(estimates, {k: {"s": k} for k in estimates})
+    table = evidence_table(estimates, {k: {"s": k} for k in estimates})
     assert list(table.index) == ["a", "c", "b"]
     assert math.isnan(table.loc["b", "probability"]) and table.loc["b", "flagged"]
     assert table.loc["a", "probability"] + table.loc["c", "probability"] == pytest.approx(1.0)

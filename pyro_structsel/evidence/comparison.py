@@ -469,7 +469,7 @@ def score_structure(model: Callable[..., Any], structure: Mapping[str, str | int
             convergence = elbo_convergence(losses, warn=False)
         options: dict[str, Any] = {}
         if method is EvidenceMethod.LAPLACE:
-            options = {"hessian_structure": curvature, "seed": seed}
+            options = {"hessian_structure": curvature or "auto", "seed": seed}
         elif method is EvidenceMethod.IWAE:
             laplace_options: dict[str, Any] = {"seed": seed}
             if hessian_structure not in (None, "auto"):

@@ -288,8 +288,7 @@ def run_discrete_check(model: Callable[..., Any], args: tuple, kwargs: dict[str,
                 seed=seed, init_values=init_values, init_scales=init_scales)
         # a missed mode is one column of the table (and one warning of select_structure
         # when it unsettles the top two), not a warning per structure
-        mode_missed[label] = any(issubclass(w.category, LaplaceWarning) for w in caught) or \
-            not fits[label].estimate.diagnostics.get("converged", True)  # warnings it keeps
+        mode_missed[label] = any(issubclass(w.category, LaplaceWarning) for w in caught)
         for w in caught:
             if not issubclass(w.category, LaplaceWarning):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -318,9 +317,12 @@ def run_discrete_check(model: Callable[..., Any], args: tuple, kwargs: dict[str,
                            {label: f.structure for label, f in fits.items()})
     table["q_probability"] = [vertex_probability(fits[label].structure, relaxed_probabilities,
                                                  sites) for label in table.index]
-    table["converged"] = [bool(elbo_convergence(fits[label].losses, warn=False).converged)
-                          if fits[label].losses else not mode_missed[label]
-                          for label in table.index]
+    # the estimate's own verdict where it gives one (fit, mode search), else the fit's ELBO
+    table.pop("converged")
+    table["converged"] = [bool(fits[label].estimate.diagnostics.get(
+        "converged", elbo_convergence(fits[label].losses, warn=False).converged
+        if fits[label].losses else not mode_missed[label])) for label in table.index]
+    table["flagged"] = table["flagged"].astype(bool) | ~table["converged"]
     chosen = fits[best()]
     probabilities = {}
     for name, site in sites.items():
