@@ -17,11 +17,14 @@ import pytest
 import torch
 
 import pyro_structsel as ps
+from pyro_structsel.evidence.methods import EvidenceMethod
 from pyro_structsel.infer.convergence import ConvergenceWarning
 from pyro_structsel.infer.guides import build_guide, prior_draw_values
 from pyro_structsel.selection.discrete_check import (
     DiscreteCheck,
     OverconfidenceWarning,
+    default_check_method,
+    default_hessian_structure,
     first_candidates,
     leading_vertices,
     neighbours,
@@ -178,6 +181,17 @@ def test_a_network_is_checked_by_its_ggn_laplace_evidence_and_a_user_model_by_el
     user = ps.select_structure(_blr_model, xb, yb, num_steps=10, progress=False,
                                num_evidence_samples=5, seed=0, check_steps=5, check_max_fits=2)
     assert user.discrete_check.method == "elbo"
+
+
+def test_only_a_network_small_enough_for_the_full_ggn_is_checked_by_laplace_unasked():
+    small = ps.NetworkModel(ps.two_hidden_layer(2, 1, hidden=(3, 3)))
+    large = ps.NetworkModel(ps.two_hidden_layer(64, 10, hidden=(32, 32)))  # 3466 weights
+    assert default_hessian_structure(small) == "full"
+    assert default_hessian_structure(large) == "kron"
+    assert default_check_method(small) is EvidenceMethod.LAPLACE
+    assert default_check_method(large) is EvidenceMethod.ELBO  # kron favoured identity layers
+    assert default_check_method(large, "kron") is EvidenceMethod.LAPLACE  # asked for
+    assert default_check_method(_blr_model) is EvidenceMethod.ELBO
 
 
 def check_estimates_equal(check, evidence) -> bool:

@@ -54,7 +54,7 @@ from ..util.validation import (
     check_seed,
     own_parameters,
 )
-from .discrete_check import OverconfidenceWarning, run_discrete_check
+from .discrete_check import OverconfidenceWarning, default_check_method, run_discrete_check
 from .result import SelectionResult
 
 
@@ -231,16 +231,19 @@ def select_structure(
     check_method : str, optional
         Evidence estimator of the discrete check (``"elbo"``, ``"iwae"``,
         ``"laplace"``, ``"gradient_descent"``). ``None``: ``"laplace"`` for a
-        :class:`~pyro_structsel.NetworkModel` (the GGN Laplace evidence of
-        each pruned network at its MAP, :func:`~pyro_structsel.ggn_laplace`:
-        no SVI fit, seconds per structure; it recovers two-layer teachers
-        that warm-started ELBO fits miss, see ``benchmarks/README.md``),
-        ``"elbo"`` for other models.
+        :class:`~pyro_structsel.NetworkModel` of at most 2000 weights (or
+        with ``check_hessian``): the full-GGN Laplace evidence of each pruned
+        network at its MAP, :func:`~pyro_structsel.ggn_laplace`, no SVI fit,
+        seconds per structure; it recovers two-layer teachers that
+        warm-started ELBO fits miss, see ``benchmarks/README.md``.
+        ``"elbo"`` otherwise: the Kronecker-factored Laplace evidence of
+        larger networks favoured identity layers where it was measured (see
+        :func:`~pyro_structsel.selection.discrete_check.default_check_method`).
     check_hessian : str, optional
         The GGN approximation of a network's Laplace check (``"full"``,
         ``"kron"``, ``"diag"``). ``None``: ``"full"`` (the exact GGN, a
         :math:`d \times d` matrix) for supernets of at most 2000 weights,
-        ``"kron"`` for larger ones.
+        ``"kron"`` for larger ones (with ``check_method="laplace"``).
     check_steps : int, optional
         SVI steps of each discrete fit (default ``num_steps``). Each fit
         starts from the relaxed fit's :math:`q(w)` (means, and scales with the
@@ -362,8 +365,7 @@ def select_structure(
                 discrete_check = len(sites) > 1
             if discrete_check and sites:
                 if check_estimator is None:
-                    check_estimator = EvidenceMethod.LAPLACE if \
-                        isinstance(model, NetworkModel) else EvidenceMethod.ELBO
+                    check_estimator = default_check_method(model, check_curvature)
                 _check(result, model_params, check_estimator, guide=guide, lr=lr,
                        optim=optim, num_steps=check_steps or num_steps,
                        num_particles=num_particles, num_samples=num_evidence_samples,
