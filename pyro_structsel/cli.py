@@ -61,8 +61,8 @@ PROG = "pyro-structsel"
 FULL_DEFAULTS: dict[str, Any] = {"steps": 5000, "subsample": None, "evidence_samples": 500}
 #: Default SVI steps of each discrete-check fit at most (they start from the relaxed fit).
 MAX_CHECK_STEPS = 1000
-#: Defaults of ``--quick`` (the relaxed fit well under a minute on 2 CPU cores; the discrete
-#: check's 11 fits of 500 steps took 130 s more).
+#: Defaults of ``--quick`` (the relaxed fit about 7 s on 2 idle CPU cores; the discrete
+#: check's 11 fits of 500 steps about 47 s more, 130 s on a loaded machine).
 QUICK_DEFAULTS: dict[str, Any] = {"steps": 500, "subsample": None, "evidence_samples": 100}
 
 
