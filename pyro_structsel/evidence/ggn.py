@@ -69,7 +69,7 @@ from ..model.sites import StructuralSite, check_structure
 from ..util.options import Likelihood, parse_option
 from ..util.stacklevel import find_stack_level
 from .estimate import Estimate
-from .laplace import LaplaceWarning
+from .laplace import LaplaceWarning, find_mode
 
 __all__ = ["HessianStructure", "ggn_laplace"]
 
@@ -412,34 +412,9 @@ def ggn_laplace(model: Any, *args: Any, structure: Mapping[str, str | int] | Non
 
     # ---- mode
     start = torch.cat([p.detach().reshape(-1) for p in network.parameters()]).to(x.dtype)
-    flat = start.clone().requires_grad_()
     started = time.perf_counter()
-
-    def energy() -> torch.Tensor:
-        lik, prior = problem.log_joint(flat)
-        return -(lik + prior)
-
-    with torch.enable_grad():
-        if adam_steps:
-            adam = torch.optim.Adam([flat], lr=lr)
-            for _ in range(adam_steps):
-                adam.zero_grad()
-                energy().backward()
-                adam.step()
-        optimizer = torch.optim.LBFGS([flat], max_iter=max_iter, tolerance_grad=tolerance,
-                                      tolerance_change=0.0, history_size=50,
-                                      line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            value = energy()
-            value.backward()
-            return value
-
-        optimizer.step(closure)
-        optimizer.zero_grad()
-        grad = torch.autograd.grad(energy(), flat)[0]
-    mode = flat.detach()
+    mode, grad = find_mode(problem.log_joint, start, adam_steps=adam_steps, lr=lr,
+                           max_iter=max_iter, tolerance=tolerance)
     with torch.no_grad():
         lik, prior = (float(t) for t in problem.log_joint(mode))
     params = problem.unpack(mode)

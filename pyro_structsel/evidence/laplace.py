@@ -89,14 +89,20 @@ def start_point(log_joint: LogJoint, guide: Any, args: tuple, kwargs: Mapping[st
         return log_joint.prior_draw(init_scale), "prior_draw"
 
 
-def find_mode(log_joint: LogJoint, start: torch.Tensor, *, adam_steps: int = 0,
-              lr: float = 0.01, max_iter: int = 1000, tolerance: float = 1e-9
+def find_mode(log_density: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+              start: torch.Tensor, *, adam_steps: int = 0, lr: float = 0.01,
+              max_iter: int = 1000, tolerance: float = 1e-9
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Maximise the log joint from ``start`` (Adam, then L-BFGS); the mode and its gradient."""
+    """Maximise a log joint from ``start`` (Adam, then L-BFGS); the mode and its gradient.
+
+    ``log_density(flat)`` returns the log likelihood and the log prior at the
+    flat vector ``flat`` (:meth:`LogJoint.log_density`, or the GGN Laplace's
+    network problem).
+    """
     flat = start.detach().clone().requires_grad_()
 
     def energy() -> torch.Tensor:
-        likelihood, prior = log_joint.log_density(flat)
+        likelihood, prior = log_density(flat)
         return -(likelihood + prior)
 
     with torch.enable_grad():
@@ -291,7 +297,7 @@ def laplace_at(log_joint: LogJoint, start: torch.Tensor, *,
     """
     kind, structure = curvature, hessian_structure
     started = time.perf_counter()
-    mode, grad = find_mode(log_joint, start, adam_steps=adam_steps, lr=lr, max_iter=max_iter,
+    mode, grad = find_mode(log_joint.log_density, start, adam_steps=adam_steps, lr=lr, max_iter=max_iter,
                            tolerance=tolerance)
     with torch.no_grad():
         likelihood, prior = (float(v) for v in log_joint.log_density(mode))
