@@ -48,10 +48,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
-from pyro import poutine  # noqa: E402
-from pyro.poutine.util import site_is_subsample  # noqa: E402
 
 import pyro_structsel as ps  # noqa: E402
+from structure_truth import log_joint, map_fit_model  # noqa: E402 (benchmarks/)
 
 LABELS = ("relu", "tanh", "identity")
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -126,56 +125,6 @@ def load(name: str) -> tuple[torch.Tensor, ...]:
 # ----------------------------------------------------------------------------- truth
 
 
-def log_joint(model: Callable[..., Any], values: dict[str, torch.Tensor], x: torch.Tensor,
-              y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log likelihood, log prior) of the latent ``values``."""
-    trace = poutine.trace(poutine.condition(model, data=dict(values))).get_trace(x, y)
-    lik, prior = torch.zeros(()), torch.zeros(())
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site):
-            continue
-        lp = site["fn"].log_prob(site["value"]).sum()
-        if name in values:
-            prior = prior + lp
-        elif site["is_observed"]:
-            lik = lik + lp
-    return lik, prior
-
-
-def map_fit(model: Callable[..., Any], x: torch.Tensor, y: torch.Tensor, seed: int, *,
-            adam_steps: int = 300, lbfgs_iter: int = 500, lr: float = 0.01,
-            init_scale: float = 0.1) -> dict[str, torch.Tensor]:
-    """MAP weights of a fixed-structure model from ``init_scale`` x a seeded prior draw."""
-    pyro.set_rng_seed(seed)
-    with torch.no_grad():
-        trace = poutine.trace(model).get_trace(x, y)
-    params = {n: (init_scale * s["value"]).clone().requires_grad_()
-              for n, s in trace.nodes.items()
-              if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)}
-
-    def loss() -> torch.Tensor:
-        lik, prior = log_joint(model, params, x, y)
-        return -(lik + prior)
-
-    adam = torch.optim.Adam(list(params.values()), lr=lr)
-    for _ in range(adam_steps):
-        adam.zero_grad()
-        loss().backward()
-        adam.step()
-    lbfgs = torch.optim.LBFGS(list(params.values()), max_iter=lbfgs_iter, history_size=50,
-                              tolerance_grad=1e-6, tolerance_change=0.0,
-                              line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        lbfgs.zero_grad()
-        value = loss()
-        value.backward()
-        return value
-
-    lbfgs.step(closure)
-    return {n: p.detach().clone() for n, p in params.items()}
-
-
 def truth(model: Callable[..., Any], data: tuple[torch.Tensor, ...], seeds: range
           ) -> dict[str, list[float]]:
     """Held-out log-likelihood per test point, per structure label, one value per seed."""
@@ -185,7 +134,7 @@ def truth(model: Callable[..., Any], data: tuple[torch.Tensor, ...], seeds: rang
         fixed = ps.fix_structure(model, structure)
         out[ps.structure_label(structure)] = values = []
         for seed in seeds:
-            weights = map_fit(fixed, x, y, seed)
+            weights = map_fit_model(fixed, x, y, seed)
             with torch.no_grad():
                 values.append(float(log_joint(fixed, weights, x_test, y_test)[0]) / len(y_test))
     return out

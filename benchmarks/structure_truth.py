@@ -152,21 +152,28 @@ def log_joint(model: Callable[..., Any], values: Mapping[str, torch.Tensor], x: 
 
 def map_fit(family: Family, structure: Mapping[str, str], seed: int, *, adam_steps: int = 300,
             lbfgs_iter: int = 500, lr: float = 0.01) -> dict[str, torch.Tensor]:
-    """MAP weights of ``structure`` (the prior's own density) from a seeded random start.
+    """MAP weights of ``structure`` on the family's training data (see :func:`map_fit_model`)."""
+    return map_fit_model(ps.fix_structure(family.model, dict(structure)), family.x_train,
+                         family.y_train, seed, adam_steps=adam_steps, lbfgs_iter=lbfgs_iter,
+                         lr=lr, init_scale=family.init_scale)
+
+
+def map_fit_model(model: Callable[..., Any], x: torch.Tensor, y: torch.Tensor, seed: int, *,
+                  adam_steps: int = 300, lbfgs_iter: int = 500, lr: float = 0.01,
+                  init_scale: float = 0.1) -> dict[str, torch.Tensor]:
+    """MAP weights of a fixed-structure model (the prior's own density) from a seeded start.
 
     The start is ``init_scale`` times a prior draw; Adam warms up, L-BFGS finishes.
     """
-    fixed = ps.fix_structure(family.model, dict(structure))
-    x, y = family.x_train, family.y_train
-    names = _latent_names(fixed, x, y)
+    names = _latent_names(model, x, y)
     pyro.set_rng_seed(seed)
     with torch.no_grad():
-        trace = poutine.trace(fixed).get_trace(x, y)
-    params = {n: (family.init_scale * trace.nodes[n]["value"]).clone().requires_grad_()
+        trace = poutine.trace(model).get_trace(x, y)
+    params = {n: (init_scale * trace.nodes[n]["value"]).clone().requires_grad_()
               for n in names}
 
     def loss() -> torch.Tensor:
-        lik, prior = log_joint(fixed, params, x, y)
+        lik, prior = log_joint(model, params, x, y)
         return -(lik + prior)
 
     adam = torch.optim.Adam(list(params.values()), lr=lr)
