@@ -45,7 +45,6 @@ from torch.func import jvp
 
 from ..util.options import parse_option
 from ..util.stacklevel import find_stack_level
-from ..util.validation import check_observations
 from .curvature import (
     Curvature,
     HessianStructure,
