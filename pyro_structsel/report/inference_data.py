@@ -50,10 +50,9 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from torch import nn
 
-from ..util.memory import AllocationCounter, chunk_size_for
 from ..util.memory import memory_budget as resolve_budget
-from ..util.minibatch import MINIBATCH_KWARGS, full_data
-from ..util.sampling import Draws, draw, max_plate_nesting, trace_model
+from ..util.minibatch import MINIBATCH_KWARGS, full_data, subsampled_observations
+from ..util.sampling import Draws, draw, draw_in_chunks, max_plate_nesting, trace_model
 from ..util.validation import check_seed
 from ..util.version import VERSION
 from .diagnostics import diagnose_draws
@@ -137,21 +136,8 @@ def prior_draws(model: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any
                     out[name] = value.reshape((size,) + value.shape[value.dim() - event_dim:])
                 return out
 
-            probe_size = min(2, num)
-            counter = AllocationCounter()
-            rng = pyro.util.get_rng_state()
-            try:  # the probe leaves the random streams as they were
-                with counter:
-                    probe = batch(probe_size)
-            finally:
-                pyro.util.set_rng_state(rng)
-            kept = sum(v.numel() * v.element_size() for v in probe.values()) / probe_size
-            chunk = chunk_size_for(counter.allocated / probe_size, kept, num,
-                                   resolve_budget(memory_budget), "The prior draws")
-            parts, done = [], 0
-            while done < num:
-                parts.append(batch(min(chunk, num - done)))
-                done += min(chunk, num - done)
+            parts = draw_in_chunks(batch, num, budget=resolve_budget(memory_budget),
+                                   what="The prior draws")
             return {name: torch.cat([part[name] for part in parts]) for name in names}
         except MemoryError:
             raise
@@ -229,19 +215,17 @@ class _InferenceDataConverter:
         result = self.result
         trace = trace_model(result.model, result.args, self.kwargs)
         trace.compute_log_prob()
-        self.observed: dict[str, Any] = {}
-        for name in trace.observation_nodes:
-            site = trace.nodes[name]
-            if site["infer"].get("structsel_fixed"):
-                continue  # a structural site pinned by fix_structure, not data
-            for frame in site["cond_indep_stack"]:
-                if frame.full_size is not None and frame.size != frame.full_size:
-                    raise ValueError(
-                        f"Observed site {name!r} sits in plate {frame.name!r} subsampled to "
-                        f"{frame.size} of {frame.full_size}; the pointwise log-likelihood needs "
-                        "every observation. Pass model_kwargs that evaluate the full data "
-                        "(e.g. model_kwargs={'batch_size': None}).")
-            self.observed[name] = site
+        subsampled = subsampled_observations(trace)
+        if subsampled:
+            name, plate, size, full_size = subsampled[0]
+            raise ValueError(
+                f"Observed site {name!r} sits in plate {plate!r} subsampled to "
+                f"{size} of {full_size}; the pointwise log-likelihood needs "
+                "every observation. Pass model_kwargs that evaluate the full data "
+                "(e.g. model_kwargs={'batch_size': None}).")
+        self.observed: dict[str, Any] = {
+            name: trace.nodes[name] for name in trace.observation_nodes
+            if not trace.nodes[name]["infer"].get("structsel_fixed")}  # pinned sites are not data
         self.structural = list(result.sites)
         self.weights = [name for name in trace.stochastic_nodes if name not in result.sites]
 

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pyro
 import torch
@@ -26,6 +26,8 @@ from .memory import memory_budget as resolve_budget
 from .minibatch import check_full_data, full_data
 from .stacklevel import find_stack_level
 from .validation import check_observations
+
+T = TypeVar("T")
 
 _DRAWS_PLATE = "_structsel_draws"
 
@@ -186,6 +188,41 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0][:300]}"
 
 
+def _mapping_nbytes(values: Mapping[str, torch.Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in values.values())
+
+
+def draw_in_chunks(batch: Callable[[int], T], num: int, *, budget: int, what: str,
+                   chunk_size: int | None = None,
+                   size_of: Callable[[T], int] = _mapping_nbytes) -> list[T]:
+    """``batch(n)`` over chunks whose sizes ``n`` add up to ``num``, each within ``budget`` bytes.
+
+    A probe of ``min(2, num)`` draws measures the bytes allocated per draw
+    (:class:`~pyro_structsel.util.memory.AllocationCounter`) and the bytes
+    kept per draw (``size_of`` of its result; default: the tensors of a
+    mapping) and leaves the random streams as they were, so the chunks make
+    the draws one call would; :func:`~pyro_structsel.util.memory.chunk_size_for`
+    sizes the chunks (at most ``chunk_size``) or raises, naming ``what``.
+    """
+    probe_size = min(2, num)
+    counter = AllocationCounter()
+    rng = pyro.util.get_rng_state()
+    try:  # the probe leaves the random streams as they were
+        with counter:
+            probe = batch(probe_size)
+    finally:
+        pyro.util.set_rng_state(rng)
+    chunk = chunk_size_for(counter.allocated / probe_size, size_of(probe) / probe_size, num,
+                           budget, what)
+    chunk = min(chunk, chunk_size or chunk)
+    parts, done = [], 0
+    while done < num:
+        size = min(chunk, num - done)
+        parts.append(batch(size))
+        done += size
+    return parts
+
+
 @torch.no_grad()
 def draw(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
          kwargs: Mapping[str, Any] | None = None, *, num_samples: int = 100,
@@ -243,25 +280,12 @@ def draw(model: Callable[..., Any], guide: Callable[..., Any], args: tuple = (),
         check_observations(trace, model, args, kwargs)
         if vectorize is not False:
             nesting = max_plate_nesting(model, args, kwargs)
-            probe_size = min(2, num_samples)
-            counter = AllocationCounter()
-            rng = pyro.util.get_rng_state()
             try:
-                try:  # the probe leaves the random streams as they were
-                    with counter:
-                        probe = _vectorized(model, guide, args, kwargs, probe_size, nesting,
-                                            keep, pointwise)
-                finally:
-                    pyro.util.set_rng_state(rng)
-                chunk = chunk_size_for(counter.allocated / probe_size,
-                                       _nbytes(probe) / probe_size, num_samples, budget, what)
-                chunk = min(chunk, chunk_size or chunk)
-                parts, done = [], 0
-                while done < num_samples:
-                    size = min(chunk, num_samples - done)
-                    parts.append(_vectorized(model, guide, args, kwargs, size, nesting, keep,
-                                             pointwise))
-                    done += size
+                parts = draw_in_chunks(
+                    lambda size: _vectorized(model, guide, args, kwargs, size, nesting, keep,
+                                             pointwise),
+                    num_samples, budget=budget, what=what, chunk_size=chunk_size,
+                    size_of=_nbytes)
             except MemoryError:
                 raise
             except Exception as error:  # noqa: BLE001 -- any failure means "not vectorisable"
@@ -321,21 +345,8 @@ def draw_guide(guide: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]
         return out
 
     try:
-        probe_size = min(2, num_samples)
-        counter = AllocationCounter()
-        rng = pyro.util.get_rng_state()
-        try:  # the probe leaves the random streams as they were
-            with counter:
-                probe = vectorised(probe_size)
-        finally:
-            pyro.util.set_rng_state(rng)
-        kept = sum(v.numel() * v.element_size() for v in probe.values()) / probe_size
-        chunk = chunk_size_for(counter.allocated / probe_size, kept, num_samples,
-                               resolve_budget(memory_budget), "Drawing from the guide")
-        parts, done = [], 0
-        while done < num_samples:
-            parts.append(vectorised(min(chunk, num_samples - done)))
-            done += min(chunk, num_samples - done)
+        parts = draw_in_chunks(vectorised, num_samples, budget=resolve_budget(memory_budget),
+                               what="Drawing from the guide")
         return {name: torch.cat([part[name] for part in parts]) for name in names}
     except MemoryError:
         raise
