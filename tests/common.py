@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,3 +29,17 @@ def assert_close(actual: Any, expected: Any, *, atol: float = 1e-6, rtol: float 
     actual_t = torch.as_tensor(actual, dtype=torch.float64)
     expected_t = torch.as_tensor(expected, dtype=torch.float64)
     torch.testing.assert_close(actual_t, expected_t, atol=atol, rtol=rtol, msg=msg or None)
+
+
+#: The first bytes of every PNG file.
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_tutorial(path: Path, workdir: Path, *, timeout: float = 600
+                 ) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """Run ``path`` in quick mode (``CI=1``) with its figures going to ``workdir/figures``."""
+    out = workdir / "figures"
+    env = {**os.environ, "CI": "1", "STRUCTSEL_TUTORIAL_OUT": str(out), "MPLBACKEND": "Agg"}
+    run = subprocess.run([sys.executable, str(path)], cwd=workdir, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    return run, out

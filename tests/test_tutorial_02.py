@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
+
+from common import PNG_SIGNATURE, run_tutorial
 
 SCRIPT = Path(__file__).resolve().parent.parent / "tutorials" / "02_polynomial_evidence.py"
 
 
 def test_tutorial_02_quick_mode(tmp_path: Path) -> None:
-    out = tmp_path / "figures"
-    env = {**os.environ, "CI": "1", "MPLBACKEND": "Agg"}
-    run = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=300)
+    run, out = run_tutorial(SCRIPT, tmp_path, timeout=300)
     assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     assert run.stderr.strip() == "", run.stderr  # no warnings
     pngs = {p.name: p for p in out.glob("*.png")}
     assert set(pngs) == {"02_chosen_degree.png", "02_evidence_curve.png"}
     for png in pngs.values():
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 10_000
     # the table: one row per N and criterion, shares over the 10 degrees summing to 100 %
     rows = re.findall(r"^\s*(10|25|100)\s+(evidence|cross-validation)\s+((?:\d+\s+){10})"
                       r"\s*([\d.]+)\s+([-+\d.]+)$", run.stdout, flags=re.MULTILINE)

@@ -8,16 +8,14 @@ each optimiser's end point against the closed-form optimum of its criterion.
 from __future__ import annotations
 
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import pyro_structsel as ps
+from common import PNG_SIGNATURE, run_tutorial
 
 SCRIPT = Path(__file__).resolve().parent.parent / "tutorials" / "04_prior_precision.py"
 NUMBER = r"([-+]?\d+\.\d+)"
@@ -38,14 +36,11 @@ def _evidence_maximiser() -> float:
 
 
 def test_tutorial_04_quick_mode(tmp_path: Path) -> None:
-    out = tmp_path / "figures"
-    env = {**os.environ, "CI": "1", "MPLBACKEND": "Agg"}
-    run = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=300)
+    run, out = run_tutorial(SCRIPT, tmp_path, timeout=300)
     assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     assert run.stderr.strip() == "", run.stderr  # no warnings, no progress bars
     png = out / "04_prior_precision.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 10_000
 
     optimum = {name: float(value) for name, value in re.findall(
         rf"^(evidence|validation) optimum \(closed form\): log alpha = {NUMBER}", run.stdout,

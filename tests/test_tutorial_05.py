@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
+
+from common import PNG_SIGNATURE, run_tutorial
 
 SCRIPT = Path(__file__).resolve().parent.parent / "tutorials" / "05_gradient_descent_evidence.py"
 
 
 def test_tutorial_05_quick_mode(tmp_path: Path) -> None:
-    out = tmp_path / "figures"
-    env = {**os.environ, "CI": "1", "MPLBACKEND": "Agg"}
-    run = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=300)
+    run, out = run_tutorial(SCRIPT, tmp_path, timeout=300)
     assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     assert run.stderr.strip() == "", run.stderr  # no warnings (StepSizeWarning included)
     png = out / "05_gradient_descent_evidence.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 10_000
     peak = re.search(r"peak of the evidence estimate: step (\d+), ([-\d.]+) ± [\d.]+ nats "
                      r"\(step 0: ([-\d.]+), last step: ([-\d.]+)\)", run.stdout)
     held = re.search(r"best held-out log-likelihood:\s+step (\d+), ([-\d.]+)", run.stdout)

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
+
+from common import PNG_SIGNATURE, run_tutorial
 
 SCRIPT = Path(__file__).resolve().parent.parent / "tutorials" / "06_user_network_evidence.py"
 
 
 def test_tutorial_06_quick_mode(tmp_path: Path) -> None:
-    out = tmp_path / "figures"
-    env = {**os.environ, "CI": "1", "MPLBACKEND": "Agg"}
-    run = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=600)
+    run, out = run_tutorial(SCRIPT, tmp_path, timeout=600)
     assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     assert run.stderr.strip() == "", run.stderr  # no warnings
     png = out / "06_digits_evidence_vs_truth.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
+    assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 5_000
     rows = re.findall(r"^(laplace \(default\)|elbo)\s+(\d+)/(\d+)\s+([-\d.na]+)\s+([-\d.na]+)"
                       r"\s+([-\d.na]+)\s+(\d+)\s+layer1=", run.stdout, flags=re.MULTILINE)
     assert [r[0] for r in rows] == ["laplace (default)", "elbo"], run.stdout

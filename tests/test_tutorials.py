@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from common import PNG_SIGNATURE, run_tutorial
 
 TESTS = Path(__file__).resolve().parent
 TUTORIALS = sorted((TESTS.parent / "tutorials").glob("[0-9][0-9]_*.py"))  # not the shared setup
 # tutorials with a test file of their own (tests/test_tutorial_NN.py) are run there only
 GENERIC = [p for p in TUTORIALS if not (TESTS / f"test_tutorial_{p.name[:2]}.py").exists()]
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def run_tutorial(path: Path, workdir: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
-    """Run ``path`` in quick mode (``CI=1``) with its figures going to ``workdir/figures``."""
-    out = workdir / "figures"
-    env = {**os.environ, "CI": "1", "STRUCTSEL_TUTORIAL_OUT": str(out), "MPLBACKEND": "Agg"}
-    run = subprocess.run([sys.executable, str(path)], cwd=workdir, env=env,
-                         capture_output=True, text=True, timeout=600)
-    return run, out
 
 
 @pytest.fixture(scope="module")
